@@ -1,0 +1,232 @@
+"""What the tokenizer and generator trainers share: optimisers, sharded init, EMA, the loop.
+
+The loop is the same for every phase: a jitted, donated ``step(state, batch, rng, *frozen)``, a
+grain iterator, an Orbax :class:`~vqgen.checkpoint.Checkpointer`, scalars fetched to the host
+every ``log_every`` steps, a progress bar with rate and ETA, a checkpoint on SIGTERM, and a clear
+error on a non-finite loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vqgen import parallel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def make_optimizer(*, lr: float, num_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.95,
+                   grad_clip: float = 0.0, min_lr_ratio: float = 0.1) -> optax.GradientTransformation:
+    """AdamW with linear warmup and a cosine (or constant) schedule, and global-norm clipping."""
+    warmup_steps = min(int(warmup_steps), max(int(num_steps) - 1, 0))
+    if schedule == "cosine":
+        sched = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup_steps else lr, peak_value=lr, warmup_steps=warmup_steps,
+            decay_steps=max(int(num_steps), warmup_steps + 1), end_value=lr * min_lr_ratio)
+    elif schedule == "constant":
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+            [warmup_steps]) if warmup_steps else optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'cosine' or 'constant'.")
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf (float32 math)."""
+    return jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype), ema, params)
+
+
+def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh, rules) -> tuple[Any, Any]:
+    """Initialises a (boxed) state directly into its shardings; returns ``(state, shardings)``.
+
+    ``init_fn(rng)`` returns a pytree whose parameters may be ``nn.Partitioned``-boxed; the
+    result is unboxed, placed by the logical rules, and never materialised on the host.
+    """
+    with parallel.mesh_context(mesh, rules):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = parallel.logical_to_sharding(abstract, mesh, rules)
+        state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(nn.meta.unbox(tree))))
+
+
+class PreemptionGuard:
+    """Turns SIGTERM into a flag the loop checks after each step (then: save, exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del signum, frame
+            self.requested = True
+            logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. inside some notebook runners)
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written because SIGTERM arrived; the CLI exits 0."""
+
+
+class MetricWriter:
+    """TensorBoard scalars and images on process 0, plus a JSON-lines log beside them."""
+
+    def __init__(self, logdir: str | None):
+        self.logdir = logdir if (logdir and parallel.is_main_process()) else None
+        self._tb = None
+        if self.logdir:
+            os.makedirs(self.logdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(self.logdir, flush_secs=30)
+            except Exception as e:  # pragma: no cover - tensorboardX is a dependency
+                logging.warning("TensorBoard writer unavailable (%s); writing JSON lines only.", e)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.logdir:
+            return
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, float(v), step)
+        with open(os.path.join(self.logdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+
+    def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {', '.join(bad)} at step {step}; lower the learning rate or enable "
+            "gradient clipping, and resume from the last checkpoint.")
+
+
+def image_grid(images: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Tiles ``[N, H, W, C]`` uint8 (or [-1,1] float) images into one ``[rows*H, cols*W, C]``."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    n, h, w, c = images.shape
+    rows = rows or int(math.ceil(math.sqrt(n)))
+    cols = int(math.ceil(n / rows))
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
+    return grid
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255]."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str, image_hwc_uint8: np.ndarray) -> None:
+    from PIL import Image
+
+    img = image_hwc_uint8
+    if img.shape[-1] == 1:
+        img = img[..., 0]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    num_steps: int
+    log_every: int = 50
+    save_every: int = 500
+    image_every: int = 0
+    desc: str = "train"
+
+
+def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: Callable[[Any], Any],
+             rng: jax.Array, frozen: tuple, checkpointer, loop: LoopConfig, writer: MetricWriter,
+             on_images: Callable[[int, Any], None] | None = None, start_step: int = 0) -> Any:
+    """Runs ``step_fn`` from ``start_step`` to ``loop.num_steps`` with logging and checkpoints.
+
+    ``step_fn(state, batch, rng, *frozen) -> (state, metrics)`` must fold the step into ``rng``
+    itself, so a resumed run sees the same keys. Raises :class:`Preempted` after saving when
+    SIGTERM arrives.
+    """
+    from tqdm.auto import tqdm
+
+    show = parallel.is_main_process()
+    bar = tqdm(total=loop.num_steps, initial=start_step, desc=loop.desc, disable=not show,
+               dynamic_ncols=True, mininterval=2.0)
+    pending = None
+    t_last, step_last = time.perf_counter(), start_step
+    with PreemptionGuard() as guard:
+        for step in range(start_step, loop.num_steps):
+            batch = put_batch(next(data_iter))
+            state, metrics = step_fn(state, batch, rng, *frozen)
+            done = step + 1
+            if done % loop.log_every == 0 or done == loop.num_steps:
+                pending = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(done, pending)
+                now = time.perf_counter()
+                pending["steps_per_sec"] = (done - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                writer.scalars(done, pending)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(pending.items())[:4]}, refresh=False)
+            if on_images is not None and loop.image_every and done % loop.image_every == 0:
+                on_images(done, state)
+            bar.update(1)
+            checkpointer.save(done, state, data_iter, force=(done == loop.num_steps))
+            if guard.requested:
+                checkpointer.save(done, state, data_iter, force=True)
+                checkpointer.wait()
+                bar.close()
+                raise Preempted(f"stopped at step {done} after SIGTERM; the checkpoint is saved.")
+    bar.close()
+    checkpointer.wait()
+    return state
