@@ -1,0 +1,449 @@
+"""LlamaGen class-conditional GPT (raster-order autoregressive model over VQ tokens): model,
+loss and a KV-cache sampler jitted end to end.
+
+Structure (identical to LlamaGen ``autoregressive/models/gpt.py``, c2i):
+
+- ``cls_embedding.embedding_table [num_classes + 1, D]``: the class label is the single prefix
+  token (``cls_token_num = 1``); row ``num_classes`` is the "no label" class used for
+  classifier-free guidance. During training labels are replaced by it with probability
+  ``class_dropout_prob`` (LlamaGen's ``LabelEmbedder``). As in LlamaGen the extra row exists
+  only when ``class_dropout_prob > 0``.
+- ``tok_embeddings [vocab_size, D]``, token dropout on the ``[class, tokens]`` sequence.
+- ``depth`` pre-norm blocks (``layers_i``: RMSNorm, grouped-query attention with LlamaGen's 2D
+  RoPE, RMSNorm, SwiGLU of width ``find_multiple(int(2*4*D/3) * ffn_dim_multiplier, 256)``),
+  final ``norm`` and an untied, zero-initialised ``output [D, vocab_size]`` head.
+- 2D RoPE over the ``grid = (h, w)`` token grid with the class token first; LlamaGen's table has
+  zeros (cos = sin = 0) at the class position, which zeroes the class token's query and key —
+  reproduced as is (see :mod:`vqgen.modules.rope`).
+
+Deviations from LlamaGen, none of which changes the function computed:
+- ``wqkv`` is stored as three kernels ``wq/wk/wv`` (split its rows ``[D, kv, kv]``), every
+  kernel is ``[in, out]`` (PyTorch's transpose) and multi-head kernels keep the head axis
+  (``wq [D, H, hd]``, ``wo [H, hd, D]``); RMSNorm weights are called ``scale`` and embedding
+  tables ``embedding`` (flax names).
+- Stochastic depth (``drop_path_rate``, 0 in LlamaGen's c2i recipe) is not implemented.
+- Non-square grids are allowed (LlamaGen asserts a square ``block_size``).
+
+Parameter counts (:func:`count_params`) of :data:`VARIANTS` at vocab 16384, 1000 classes and
+256 tokens: B 111.0M, L 343.0M, XL 774.9M, XXL 1.41B, 3B 3.10B — LlamaGen's 111M, 343M, 775M,
+1.4B and 3.1B (its 3B is the t2i model; here it is counted with the c2i class table).
+
+Sampler: :func:`sample` validates its inputs and calls a module-level ``jax.jit`` whose static
+arguments are the model (a hashable linen dataclass) and the :class:`SamplerConfig`, so it
+compiles once per (model, config, batch size) and reuses the executable for any params, labels
+and key. Inside, the class token prefills a preallocated KV cache and one ``lax.fori_loop``
+decodes one token per step; no per-token Python loop or host sync.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vqgen.generators import sampling
+from vqgen.modules.attention import Cache, TransformerBlock
+from vqgen.modules.attention import init_cache as init_layer_cache
+from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm
+from vqgen.modules.rope import rope_2d_table
+
+Dtype = Any
+
+CLS_TOKEN_NUM = 1
+
+# LlamaGen c2i variants (GPT_B ... GPT_XXL; GPT_3B is its t2i size): depth, width, heads.
+VARIANTS: dict[str, dict[str, int]] = {
+    "B": dict(depth=12, width=768, num_heads=12),
+    "L": dict(depth=24, width=1024, num_heads=16),
+    "XL": dict(depth=36, width=1280, num_heads=20),
+    "XXL": dict(depth=48, width=1536, num_heads=24),
+    "3B": dict(depth=24, width=3200, num_heads=32),
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_tables(grid: tuple[int, int], head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    return rope_2d_table(grid, head_dim, base, prefix_len=CLS_TOKEN_NUM)
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label embedding with label dropout for classifier-free guidance (LlamaGen).
+
+    ``labels [B]`` -> ``[B, 1, D]``. With ``train=True`` and ``dropout_prob > 0`` each label is
+    replaced by the null id ``num_classes`` with probability ``dropout_prob`` (rng ``'dropout'``).
+    """
+
+    num_classes: int
+    features: int
+    dropout_prob: float = 0.1
+    init_std: float = DEFAULT_INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array, *, train: bool = False) -> jax.Array:
+        rows = self.num_classes + int(self.dropout_prob > 0)
+        table = self.param(
+            "embedding_table",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, "embed")),
+            (rows, self.features),
+            self.param_dtype,
+        )  # [C(+1), D]
+        if train and self.dropout_prob > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob  # [B]
+            labels = jnp.where(drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0).astype(self.dtype)[:, None, :]  # [B, 1, D]
+
+
+class GPT(nn.Module):
+    """LlamaGen class-conditional GPT over a ``grid = (h, w)`` of VQ tokens (raster order).
+
+    Methods (all return float32 logits):
+
+    - ``__call__(tokens [B, L], labels [B], train=False) -> [B, L, V]``: teacher-forced; the
+      input is ``[class, tokens[:, :-1]]`` and ``logits[:, t]`` predicts ``tokens[:, t]``.
+      ``L <= block_size``.
+    - ``prefill(labels, cache) -> ([B, V], cache)``: writes the class token at position 0 and
+      returns the logits of the first image token.
+    - ``decode(tokens [B, S], cache, pos) -> ([B, S, V], cache)``: feeds image tokens at
+      sequence positions ``pos .. pos+S-1`` (image token ``t`` sits at position ``t + 1``).
+
+    Caches come from :func:`init_cache`.
+    """
+
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid: tuple[int, int] = (16, 16)
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    class_dropout_prob: float = 0.1
+    token_dropout_prob: float = 0.1
+    resid_dropout_prob: float = 0.1
+    ffn_dropout_prob: float = 0.1
+    attn_dropout_prob: float = 0.0
+    qk_norm: bool = False
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = DEFAULT_INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def block_size(self) -> int:
+        """Number of image tokens, ``h * w``."""
+        return int(self.grid[0]) * int(self.grid[1])
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def max_len(self) -> int:
+        """Cache length: the class prefix plus every image token."""
+        return CLS_TOKEN_NUM + self.block_size
+
+    def setup(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}; change one of them.")
+        init = nn.initializers.normal(self.init_std)
+        self.cls_embedding = LabelEmbedder(
+            self.num_classes, self.width, self.class_dropout_prob, self.init_std, self.dtype, self.param_dtype
+        )
+        self.tok_embeddings = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.tok_dropout = nn.Dropout(self.token_dropout_prob)
+        self.layers = [
+            TransformerBlock(
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                multiple_of=self.multiple_of,
+                ffn_dim_multiplier=self.ffn_dim_multiplier,
+                causal=True,
+                qk_norm=self.qk_norm,
+                norm_eps=self.norm_eps,
+                attn_dropout_rate=self.attn_dropout_prob,
+                resid_dropout_rate=self.resid_dropout_prob,
+                ffn_dropout_rate=self.ffn_dropout_prob,
+                init_std=self.init_std,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+            for _ in range(self.depth)
+        ]
+        self.norm = RMSNorm(self.norm_eps, "embed", self.dtype, self.param_dtype)
+        self.output = nn.Dense(
+            self.vocab_size,
+            use_bias=False,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+    def _trunk(self, h, pos, cache, train):
+        """Blocks + final norm + head over embeddings ``h [B, S, D]`` at positions ``pos..``."""
+        s = h.shape[1]
+        cos_t, sin_t = _rope_tables(tuple(int(g) for g in self.grid), self.head_dim, float(self.rope_base))
+        if cache is None:
+            cos, sin = jnp.asarray(cos_t[:s]), jnp.asarray(sin_t[:s])  # [S, hd/2]
+        else:
+            cos = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos_t), pos, s)  # [S, hd/2]
+            sin = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin_t), pos, s)  # [S, hd/2]
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        new_cache = None if cache is None else []
+        for i, layer in enumerate(self.layers):
+            h, c = layer(h, cos, sin, cache=None if cache is None else cache[i], pos=pos, train=train)  # [B, S, D]
+            if cache is not None:
+                new_cache.append(c)
+        h = self.norm(h)  # [B, S, D]
+        logits = self.output(h).astype(jnp.float32)  # [B, S, V]
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
+
+    def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False) -> jax.Array:
+        if tokens.shape[1] > self.block_size:
+            raise ValueError(
+                f"tokens have length {tokens.shape[1]} > block_size {self.block_size} of grid {self.grid}; "
+                "pass at most h*w tokens or build the model with a larger grid."
+            )
+        cond = self.cls_embedding(labels, train=train)  # [B, 1, D]
+        tok = self.tok_embeddings(tokens[:, :-1])  # [B, L-1, D]
+        h = jnp.concatenate([cond, tok.astype(self.dtype)], axis=1)  # [B, L, D]
+        h = self.tok_dropout(h, deterministic=not train)
+        logits, _ = self._trunk(h, 0, None, train)  # [B, L, V]
+        return logits
+
+    def prefill(self, labels: jax.Array, cache: list[Cache]) -> tuple[jax.Array, list[Cache]]:
+        h = self.cls_embedding(labels, train=False)  # [B, 1, D]
+        logits, cache = self._trunk(h, 0, cache, False)  # [B, 1, V]
+        return logits[:, -1], cache
+
+    def decode(self, tokens: jax.Array, cache: list[Cache], pos: jax.Array | int) -> tuple[jax.Array, list[Cache]]:
+        h = self.tok_embeddings(tokens).astype(self.dtype)  # [B, S, D]
+        return self._trunk(h, pos, cache, False)  # [B, S, V]
+
+
+def gpt_variant(name: str, **overrides: Any) -> GPT:
+    """A :class:`GPT` of the LlamaGen size ``name`` (one of :data:`VARIANTS`), fields overridable."""
+    if name not in VARIANTS:
+        raise ValueError(f"GPT variant {name!r} is unknown; choose one of {sorted(VARIANTS)}.")
+    return GPT(**{**VARIANTS[name], **overrides})
+
+
+def init_cache(model: GPT, batch: int, dtype: Dtype | None = None) -> list[Cache]:
+    """Preallocated per-layer KV caches ``[batch, 1 + h*w, kv_heads, head_dim]`` (zeros)."""
+    dtype = model.dtype if dtype is None else dtype
+    return [init_layer_cache(batch, model.max_len, model.kv_heads, model.head_dim, dtype) for _ in range(model.depth)]
+
+
+def _dummy_inputs(model: GPT, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    return jnp.zeros((batch, model.block_size), jnp.int32), jnp.zeros((batch,), jnp.int32)
+
+
+def init_params(model: GPT, rng: jax.Array) -> Any:
+    """Initialised (``nn.Partitioned``-boxed) parameters of ``model``."""
+    return model.init({"params": rng}, *_dummy_inputs(model))["params"]
+
+
+def abstract_params(model: GPT) -> Any:
+    """Boxed ``ShapeDtypeStruct`` parameter tree via ``jax.eval_shape`` (nothing is allocated)."""
+    return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
+
+
+def count_params(model: GPT) -> int:
+    """Number of parameters of ``model``, from shapes only (``jax.eval_shape``)."""
+    leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(model)))
+    return int(sum(int(np.prod(x.shape)) for x in leaves))
+
+
+def loss_fn(model: GPT, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool = True):
+    """Next-token cross entropy (float32) of ``batch = {'tokens' [B, L], 'labels' [B]}``.
+
+    ``rng`` drives class dropout, token dropout and residual/FFN dropout when ``train``.
+    Returns ``(loss, {'loss', 'accuracy'})``.
+    """
+    tokens = batch["tokens"].astype(jnp.int32)  # [B, L]
+    logits = model.apply(
+        {"params": params}, tokens, batch["labels"].astype(jnp.int32), train=train, rngs={"dropout": rng}
+    )  # [B, L, V] float32
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens))
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32))
+    return loss, {"loss": loss, "accuracy": accuracy}
+
+
+# ----------------------------------------------------------------------------------- sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static, hashable sampler options (the random key is an argument of :func:`sample`).
+
+    - ``temperature``: logits are divided by it; 0 means greedy argmax.
+    - ``top_k``: keep the k most likely tokens (0 = off); ``top_k=1`` is greedy.
+    - ``top_p``: nucleus mass in [0, 1] (1 = off, 0 = greedy).
+    - ``cfg_scale``: classifier-free guidance ``cond + (s - 1) * (cond - uncond)``; 1 = off
+      (then the unconditional batch is not run at all).
+    - ``cfg_schedule``: ``'constant'`` or ``'linear'`` (scale 1 at the first token rising to
+      ``cfg_scale`` at the last), see :func:`vqgen.generators.sampling.cfg_scale_at`.
+    - ``cfg_interval``: ``(start, end)`` fractions of the sequence; token ``t`` is guided only
+      when ``start <= t / L < end`` (LlamaGen's ``cfg_interval`` stops CFG after a position).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is outside [0, 1]; use 1.0 to turn nucleus sampling off, 0.0 for greedy.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is negative; use 0 to turn top-k off or a positive count.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is negative; use a value > 0, or 0 for greedy.")
+        if self.cfg_schedule not in sampling.CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule={self.cfg_schedule!r} is unknown; use one of {sampling.CFG_SCHEDULES}.")
+        interval = tuple(float(x) for x in self.cfg_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(
+                f"cfg_interval={self.cfg_interval} must be (start, end) with 0 <= start <= end <= 1; "
+                "use (0.0, 1.0) to guide every token."
+            )
+        object.__setattr__(self, "cfg_interval", interval)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+@flax.struct.dataclass
+class _DecodeState:
+    tokens: jax.Array  # [B, L] int32, filled up to the current step
+    last: jax.Array  # [B] int32, the token sampled at the previous step
+    cache: list  # per-layer KV caches
+
+
+def _check_sample_args(model: GPT, labels: Any, config: SamplerConfig) -> None:
+    if not isinstance(config, SamplerConfig):
+        raise ValueError(f"config must be a SamplerConfig, got {type(config).__name__}; build one with SamplerConfig(...).")
+    if np.ndim(labels) != 1:
+        raise ValueError(f"labels must be a 1-D array of class ids [B], got shape {np.shape(labels)}; pass one id per sample.")
+    if config.uses_cfg and model.class_dropout_prob <= 0:
+        raise ValueError(
+            f"cfg_scale={config.cfg_scale} needs the null class, but this model was built with "
+            "class_dropout_prob=0; retrain with class_dropout_prob > 0 (LlamaGen uses 0.1) or sample with cfg_scale=1.0."
+        )
+    if not isinstance(labels, jax.core.Tracer):
+        lab = np.asarray(labels)
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be integer class ids, got dtype {lab.dtype}; cast them to int32.")
+        top = model.num_classes + int(model.class_dropout_prob > 0)
+        if lab.size and (lab.min() < 0 or lab.max() >= top):
+            extra = f" (or {model.num_classes} for the unconditional null class)" if top > model.num_classes else ""
+            raise ValueError(
+                f"class ids must lie in [0, {model.num_classes}){extra}, got min {lab.min()} and max {lab.max()}; "
+                "fix the labels or use a model with more classes."
+            )
+
+
+def _pick(logits, t, rng, batch, num_steps, config: SamplerConfig):
+    """Samples token ``t`` from (guided) logits ``[B or 2B, V]`` with key ``fold_in(rng, t)``."""
+    if config.uses_cfg:
+        scale = sampling.cfg_scale_at(t, num_steps, config.cfg_scale, config.cfg_schedule, config.cfg_interval)
+        logits = sampling.guide(logits[:batch], logits[batch:], scale)  # [B, V]
+    key = jax.random.fold_in(rng, t)
+    return sampling.sample_logits(key, logits, config.temperature, config.top_k, config.top_p)  # [B]
+
+
+def _cond_labels(model: GPT, labels: jax.Array, config: SamplerConfig) -> jax.Array:
+    labels = labels.astype(jnp.int32)
+    if config.uses_cfg:
+        return jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)])  # [2B]
+    return labels  # [B]
+
+
+def sample_tokens(model: GPT, params: Any, labels: jax.Array, rng: jax.Array, config: SamplerConfig) -> jax.Array:
+    """Un-jitted body of :func:`sample` (pure; ``model`` and ``config`` must be static under jit)."""
+    params = nn.meta.unbox(params)
+    batch, num_steps = labels.shape[0], model.block_size
+    cond = _cond_labels(model, labels, config)  # [B] or [2B]
+    cache = init_cache(model, cond.shape[0])
+    logits, cache = model.apply({"params": params}, cond, cache, method=GPT.prefill)  # [B', V]
+    first = _pick(logits, 0, rng, batch, num_steps, config)  # [B]
+    tokens = jnp.zeros((batch, num_steps), jnp.int32).at[:, 0].set(first)  # [B, L]
+
+    def body(t, state: _DecodeState) -> _DecodeState:
+        feed = jnp.concatenate([state.last, state.last]) if config.uses_cfg else state.last  # [B']
+        # Image token t-1 sits at sequence position CLS_TOKEN_NUM + t - 1.
+        step_logits, cache = model.apply(
+            {"params": params}, feed[:, None], state.cache, CLS_TOKEN_NUM + t - 1, method=GPT.decode
+        )  # [B', 1, V]
+        nxt = _pick(step_logits[:, 0], t, rng, batch, num_steps, config)  # [B]
+        toks = jax.lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, t))  # [B, L]
+        return _DecodeState(tokens=toks, last=nxt, cache=cache)
+
+    state = jax.lax.fori_loop(1, num_steps, body, _DecodeState(tokens=tokens, last=first, cache=cache))
+    return state.tokens
+
+
+_sample_jit = jax.jit(sample_tokens, static_argnames=("model", "config"))
+
+
+def sample(
+    model: GPT, params: Any, labels: Any, rng: jax.Array, config: SamplerConfig = SamplerConfig()
+) -> jax.Array:
+    """Samples ``int32 [B, h*w]`` image tokens for class ids ``labels [B]`` (KV cache, one lax loop).
+
+    Jitted end to end with ``model`` and ``config`` static: one compile per model, config and
+    batch size. Token ``t`` is drawn with key ``jax.random.fold_in(rng, t)``. Raises
+    ``ValueError`` for class ids out of range and for CFG on a model without class dropout.
+    """
+    _check_sample_args(model, labels, config)
+    return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, config)
+
+
+def sample_tokens_without_cache(
+    model: GPT, params: Any, labels: jax.Array, rng: jax.Array, config: SamplerConfig, num_steps: int | None = None
+) -> jax.Array:
+    """Reference sampler without a KV cache: every step runs the full causal forward pass on the
+    zero-padded ``[B, h*w]`` token buffer and reads the logits at the current position.
+
+    Same keys and options as :func:`sample`, so it draws the same tokens; used by the benchmark
+    as the "recompute the prefix" baseline. ``num_steps`` (static) stops after that many tokens
+    (the rest stay 0); every step costs the same, so timing a few steps gives the rate.
+    """
+    params = nn.meta.unbox(params)
+    batch, total = labels.shape[0], model.block_size
+    steps = total if num_steps is None else int(num_steps)
+    cond = _cond_labels(model, labels, config)  # [B']
+
+    def body(t, tokens):
+        feed = jnp.concatenate([tokens, tokens]) if config.uses_cfg else tokens  # [B', L]
+        logits = model.apply({"params": params}, feed, cond)  # [B', L, V]
+        step_logits = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)  # [B', V]
+        nxt = _pick(step_logits, t, rng, batch, total, config)  # [B]
+        return jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t))  # [B, L]
+
+    return jax.lax.fori_loop(0, steps, body, jnp.zeros((batch, total), jnp.int32))
+
+
+sample_without_cache = jax.jit(sample_tokens_without_cache, static_argnames=("model", "config", "num_steps"))

@@ -1,0 +1,102 @@
+"""Sampling utilities shared by the generators: temperature, top-k / top-p filtering and
+classifier-free-guidance schedules. Everything is jit-friendly; options are static Python
+numbers and every computation on logits is float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps the ``k`` largest logits of the last axis (ties with the k-th kept), others -> -inf.
+
+    ``k == 0`` (or ``k >= vocab``) leaves the logits unchanged. ``k`` is static.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filtering: keeps the smallest set of most likely tokens whose probability mass
+    reaches ``p`` (the most likely token is always kept), others -> -inf.
+
+    ``p >= 1`` leaves the logits unchanged; ``p == 0`` keeps only the most likely token
+    (greedy). ``p`` is static.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # [..., V] descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)  # [..., V]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [..., V] mass of strictly better tokens
+    keep = mass_before < p
+    keep = keep.at[..., 0].set(True)
+    num_keep = jnp.sum(keep, axis=-1, keepdims=True)  # [..., 1]
+    threshold = jnp.take_along_axis(sorted_logits, num_keep - 1, axis=-1)  # [..., 1]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """float32 logits divided by ``temperature`` (when > 0), then top-k, then top-p filtered."""
+    logits = logits.astype(jnp.float32)
+    if temperature > 0:
+        logits = logits / temperature
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
+def sample_logits(
+    rng: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """Draws int32 ids ``[...]`` from ``logits [..., V]`` after :func:`filter_logits`.
+
+    ``temperature == 0`` is greedy (argmax). With ``top_k == 1`` or ``top_p == 0`` only the
+    argmax survives the filter, so sampling is deterministic whatever the key.
+    """
+    filtered = filter_logits(logits, temperature, top_k, top_p)  # [..., V]
+    if temperature == 0:
+        return jnp.argmax(filtered, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def cfg_scale_at(
+    step: jax.Array | int,
+    num_steps: int,
+    scale: float,
+    schedule: str = "constant",
+    interval: tuple[float, float] = (0.0, 1.0),
+) -> jax.Array:
+    """Guidance scale (float32 scalar) for decoding step ``step`` of ``num_steps``.
+
+    - ``'constant'``: ``scale`` at every step.
+    - ``'linear'``: ``1 + (scale - 1) * step / (num_steps - 1)``, from 1 (no guidance) at the
+      first step to ``scale`` at the last (``scale`` when ``num_steps == 1``).
+
+    Outside ``interval = (start, end)``, i.e. unless ``start <= step / num_steps < end``, the
+    scale is 1 (conditional logits only).
+    """
+    step_f = jnp.asarray(step, jnp.float32)
+    if schedule == "constant":
+        s = jnp.asarray(scale, jnp.float32)
+    elif schedule == "linear":
+        ramp = step_f / (num_steps - 1) if num_steps > 1 else jnp.float32(1.0)
+        s = 1.0 + (scale - 1.0) * ramp
+    else:
+        raise ValueError(f"cfg_schedule={schedule!r} is unknown; use one of {CFG_SCHEDULES}.")
+    frac = step_f / num_steps
+    on = (frac >= interval[0]) & (frac < interval[1])
+    return jnp.where(on, s, jnp.float32(1.0)).astype(jnp.float32)
+
+
+def guide(cond_logits: jax.Array, uncond_logits: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """Classifier-free guidance in float32: ``cond + (scale - 1) * (cond - uncond)``.
+
+    Equal to ``uncond + scale * (cond - uncond)``; written this way so that scale 1 returns the
+    conditional logits exactly.
+    """
+    c = cond_logits.astype(jnp.float32)
+    u = uncond_logits.astype(jnp.float32)
+    return c + (jnp.asarray(scale, jnp.float32) - 1.0) * (c - u)
