@@ -25,7 +25,8 @@ Public API
       ``ValueError``; unreadable files are skipped, counted (``source.num_skipped``) and logged once.
 
 ``make_pipeline(source, *, global_batch_size, seed, train, random_crop=False, random_flip=False,
-drop_remainder=True, process_index=None, process_count=None, num_epochs=None)``
+drop_remainder=True, process_index=None, process_count=None, num_epochs=None, num_threads=2,
+prefetch_buffer_size=8, worker_count=0)``
     This process's ``grain.DatasetIterator`` of ``{'image': float32 [-1, 1] [B_local, H, W, C]
     (video [B_local, T, H, W, C]), 'label': int32 [B_local]}``, ``B_local = global_batch_size //
     process_count`` (``ValueError`` if not divisible). Built as
@@ -36,7 +37,11 @@ drop_remainder=True, process_index=None, process_count=None, num_epochs=None)``
     of the side at a random position, resized back bilinearly) and horizontal flip, both the same
     across the frames of a video. ``train=False``: source order, one pass, no augmentation.
     Deterministic given ``seed``; ``it.get_state()`` is a JSON-able dict and ``it.set_state(state)``
-    resumes the exact stream.
+    resumes the exact stream. ``worker_count > 0`` moves reading and augmentation into grain worker
+    processes (``mp_prefetch``; the stream and its resumption are the same as with threads; the
+    program needs a ``__main__`` guard, and unparsed absl flags are marked parsed for grain).
+    With ``train=False, drop_remainder=False`` and several processes, hosts may get different
+    numbers of examples (slices of a split whose size is not a multiple of the process count).
 
 ``eval_arrays(source, max_examples=None)``
     ``{'image': float32 [-1, 1] [N, ...], 'label': int32 [N]}`` of the first N records.

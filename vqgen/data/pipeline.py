@@ -158,6 +158,10 @@ def make_pipeline(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     )
     if worker_count > 0:
+        from absl import flags  # grain's workers read absl flags; a plain script never parses them
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
 
