@@ -13,7 +13,7 @@ so that rounding gives ``L`` integers (``-L/2 .. L/2-1`` for even ``L``, ``-(L-1
 for odd ``L``), which are divided by ``half_width = L // 2`` to lie in ``[-1, 1]``. The official
 code uses ``tan`` for the shift: ``atanh(offset / half_l)`` would centre the bound exactly but is
 undefined for ``L = 2`` (``offset / half_l = 1 / (1 - eps) > 1``); for ``L >= 3`` the two differ
-by less than ``3e-4`` in ``shift``.
+by less than ``4e-4`` in ``shift``.
 
 Indices are mixed-radix with the FIRST channel least significant:
 ``index = sum_i (round(bounded_i) + half_width_i) * basis_i`` with
