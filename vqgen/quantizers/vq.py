@@ -313,7 +313,8 @@ class VectorQuantizer(nn.Module):
         q = q.reshape(z.shape[:-1] + (d,))  # [..., d]
         if factorised:
             q = proj_up(q.astype(self.dtype))  # [..., D]
-        maybe_update(flat, idx)
+        if update_state:
+            maybe_update(flat, idx)
         return QuantizerOutput(
             quantized=q.astype(z.dtype),
             indices=idx.reshape(z.shape[:-1]),
