@@ -94,6 +94,8 @@ class PatchGANDiscriminator(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Maps images ``[B, H, W, C]`` to float32 patch logits ``[B, h, w, 1]``.
 
+        (float64 only when ``dtype`` is float64, as in finite-difference tests.)
+
         ``train`` is accepted for the common discriminator signature; the network behaves the
         same either way (no dropout, no batch statistics).
         """
@@ -133,7 +135,7 @@ class PatchGANDiscriminator(nn.Module):
                   name=f"conv_{self.n_layers}", **kw)(h)
         h = norm_act(h, f"norm_{self.n_layers}")  # [B, h+1, w+1, ch*mult]
         logits = _conv(1, 4, strides=1, padding=pad, out_axis=None, name="conv_out", **kw)(h)  # [B, h, w, 1]
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def blur_downsample(x: Array) -> Array:
@@ -196,7 +198,7 @@ class StyleGANDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        """Maps images ``[B, image_size, image_size, C]`` to float32 logits ``[B, 1]``."""
+        """Maps images ``[B, image_size, image_size, C]`` to float32 logits ``[B, 1]`` (float64 if ``dtype`` is)."""
         del train
         if x.ndim != 4 or x.shape[1] != self.image_size or x.shape[2] != self.image_size:
             raise ValueError(
@@ -226,7 +228,7 @@ class StyleGANDiscriminator(nn.Module):
             kernel_init=nn.with_logical_partitioning(init, ("mlp", None)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)), name="dense_out",
         )(h)  # [B, 1]
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------
