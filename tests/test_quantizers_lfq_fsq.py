@@ -156,7 +156,7 @@ def test_lfq_indices_follow_bit_order():
 
 @pytest.mark.parametrize(
     "dim,tau,scale,zscale",
-    [(1, 1.0, 1.0, 1.0), (3, 0.5, 1.0, 1.0), (6, 1.0, 1.0, 0.7), (6, 0.05, 0.5, 0.1), (4, 0.01, 1.0, 1.0)],
+    [(1, 1.0, 1.0, 1.0), (6, 1.0, 1.0, 0.7), (6, 0.05, 0.5, 0.1), (4, 0.01, 1.0, 1.0)],
 )
 def test_lfq_entropies_match_brute_force(dim, tau, scale, zscale):
     z = jax.random.normal(jax.random.key(dim), (5, 5, dim)) * zscale  # 25 tokens: chunks get padded
@@ -223,14 +223,17 @@ def test_lfq_dim18_runs_in_bounded_memory():
     results = {}
     for groups in (2, 1):
         q = LookupFreeQuantizer(dim=18, num_groups=groups)
-        step = jax.jit(jax.value_and_grad(lambda z: eager_apply(q, z).loss))
-        compiled = step.lower(z).compile()
+        def loss_fn(z, q=q):
+            out = eager_apply(q, z)
+            return out.loss, out.metrics
+
+        compiled = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(z).compile()
         temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
         # A dense [2048, 2**18] float32 table alone would be 2048 MiB.
         assert temp_mib < 256, (groups, temp_mib)
-        loss, grad = compiled(z)
+        (loss, metrics), grad = compiled(z)
         assert np.isfinite(loss) and np.all(np.isfinite(grad))
-        results[groups] = apply(q, z).metrics
+        results[groups] = metrics
     exact, grouped = results[1]["codebook_entropy"], results[2]["codebook_entropy"]
     # Subadditivity: joint entropy <= sum of the two halves' entropies <= 18 log 2.
     assert exact <= grouped + 1e-3 <= 18 * np.log(2) + 1e-3
@@ -241,7 +244,7 @@ def test_lfq_dim18_runs_in_bounded_memory():
 
 def test_sorted_usage_metrics_equal_histogram_metrics():
     idx = jax.random.randint(jax.random.key(10), (6, 50), 0, 40)
-    chex.assert_trees_all_close(sorted_usage_metrics(idx, 64), usage_metrics(idx, 64), rtol=1e-6)
+    chex.assert_trees_all_close(jax.jit(sorted_usage_metrics, static_argnums=1)(idx, 64), usage_metrics(idx, 64), rtol=1e-6)
 
 
 def test_lfq_bad_config_raises():
