@@ -142,15 +142,15 @@ def expected_param_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def flatten_params(params: dict[str, Any]) -> dict[str, np.ndarray]:
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
     """Nested LPIPS params -> flat ``{"conv1_1/kernel": array, "lin0": array, ...}``."""
     flat = {}
     for key, value in params.items():
         if isinstance(value, dict):
             for sub, arr in value.items():
-                flat[f"{key}/{sub}"] = np.asarray(arr)
+                flat[f"{key}/{sub}"] = arr
         else:
-            flat[key] = np.asarray(value)
+            flat[key] = value
     return flat
 
 
