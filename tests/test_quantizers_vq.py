@@ -240,7 +240,7 @@ def test_wrong_input_dimension_raises():
         ibq.apply(variables, _z((2, 5)))
 
 
-@pytest.mark.parametrize("name", ["vq_factorised_cosine", "vq_ema_restart_entropy", "ibq"])
+@pytest.mark.parametrize("name", ["vq_ema_restart_entropy", "ibq"])
 def test_sharded_batch_matches_single_device(name):
     q = FACTORIES[name]()
     z = _z((8, 4, 4, D))
