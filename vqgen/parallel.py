@@ -116,6 +116,13 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
+def unbox(tree: Any) -> Any:
+    """Removes ``nn.Partitioned`` boxes without adding sharding constraints (safe on abstract trees)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def logical_to_sharding(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
     """Maps a tree of (possibly ``nn.Partitioned``-boxed) abstract arrays to ``NamedSharding``s.
 
@@ -125,7 +132,7 @@ def logical_to_sharding(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[st
     """
     specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(specs, tuple(rules))
-    unboxed = nn.meta.unbox(abstract_tree)
+    unboxed = unbox(abstract_tree)
 
     def to_sharding(x, spec):
         spec = spec if isinstance(spec, P) else P()

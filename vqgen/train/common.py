@@ -69,7 +69,7 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh, rule
     with parallel.mesh_context(mesh, rules):
         abstract = jax.eval_shape(init_fn, rng)
         shardings = parallel.logical_to_sharding(abstract, mesh, rules)
-        state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+        state = jax.jit(lambda r: parallel.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
@@ -78,7 +78,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 def count_params(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(nn.meta.unbox(tree))))
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(parallel.unbox(tree))))
 
 
 class PreemptionGuard:

@@ -139,7 +139,7 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------------------ step
     def _apply(self, params, model_state, x, rng, train):
         variables = {"params": params, **model_state}
-        mutable = list(model_state.keys()) if train else False
+        mutable = (list(model_state.keys()) or False) if train else False
         out = self.model.apply(variables, x, train=train, rngs=_rngs(rng), mutable=mutable)
         if mutable:
             (x_rec, q), new_state = out
