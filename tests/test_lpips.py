@@ -184,6 +184,11 @@ def test_wrong_architecture_file_is_a_clear_error(tmp_path, converted):
     np.savez(untagged, w=np.zeros(3))
     with pytest.raises(ValueError, match="not an LPIPS-VGG16 weights file"):
         perceptual.load_lpips_params(str(untagged))
+    # not an .npz at all
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not an .npz file"):
+        perceptual.load_lpips_params(str(text))
     # and a torch state dict of another network given to the converter
     with pytest.raises(ValueError, match="vgg16"):
         convert_lpips.convert({"features.0.weight": np.zeros((64, 3, 11, 11))}, {})

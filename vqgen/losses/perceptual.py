@@ -215,9 +215,9 @@ def load_lpips_params(path: str) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
             flat = {k: np.asarray(data[k]) for k in data.files}
-    except (ValueError, OSError) as err:  # not a zip / npz
+    except (ValueError, OSError) as err:  # not a zip / npz, or pickled objects
         raise ValueError(
-            f"{path!r} is not an .npz file ({err}); build the LPIPS weights with `{CONVERTER_COMMAND}`."
+            f"{path!r} is not an .npz file of arrays; build the LPIPS weights with `{CONVERTER_COMMAND}`."
         ) from err
     tag = flat.pop(FORMAT_KEY, None)
     if tag is None or str(tag) != FILE_FORMAT:
