@@ -48,7 +48,6 @@ given by the user get +inf; the ``num_masked`` lowest-confidence new tokens are 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax
@@ -317,9 +316,9 @@ def drop_labels(model: MaskGITTransformer, labels: jax.Array, rng: jax.Array) ->
 
 
 def training_inputs(model: MaskGITTransformer, batch: dict, rng: jax.Array):
-    """What :func:`loss_fn` feeds the model for ``rng``: ``(inputs [B, L], labels [B], mask
-    [B, L], ratio [B], dropout_rng)``, with ``inputs`` the tokens with masked positions set to
-    the mask token and ``labels`` after class dropout."""
+    """What :func:`loss_fn` feeds the model for ``rng``: ``(tokens [B, L], inputs [B, L],
+    labels [B], mask [B, L], ratio [B], dropout_rng)``, with ``tokens`` the targets, ``inputs``
+    the tokens with masked positions set to the mask token and ``labels`` after class dropout."""
     tokens = batch["tokens"].astype(jnp.int32)
     tokens = tokens.reshape(tokens.shape[0], -1)  # [B, L]
     labels = batch["label"] if "label" in batch else batch["labels"]
@@ -475,10 +474,13 @@ def sample_tokens(
     opts: SamplerOptions,
     known_tokens: jax.Array | None = None,
     known_mask: jax.Array | None = None,
+    counts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Un-jitted body of :func:`sample` (pure; ``model`` and ``opts`` static under jit).
 
-    Returns ``(tokens int32 [B, L], history int32 [B, T])`` where ``history[:, t]`` is the
+    ``counts`` is the schedule's table ``[T, L + 1]``
+    (:func:`~vqgen.generators.mask_schedules.scheduled_counts`); None builds it from
+    ``opts.mask_schedule``. Passing it as an array lets schedules share one compile. Returns ``(tokens int32 [B, L], history int32 [B, T])`` where ``history[:, t]`` is the
     number of positions still masked after step ``t``. Step ``t`` draws its keys from
     ``jax.random.fold_in(rng, t)``.
     """
@@ -490,7 +492,9 @@ def sample_tokens(
     if known_tokens is not None:
         tokens = jnp.where(known_mask.astype(bool), known_tokens.astype(jnp.int32), tokens)  # [B, L]
     initial_unknown = jnp.sum(tokens == mask_id, axis=-1)  # [B]
-    table = jnp.asarray(mask_schedules.scheduled_counts(opts.mask_schedule, steps, length))  # [T, L+1]
+    if counts is None:
+        counts = mask_schedules.scheduled_counts(opts.mask_schedule, steps, length)
+    table = jnp.asarray(counts, jnp.int32)  # [T, L+1]
     cond = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if opts.uses_cfg else labels  # [B']
 
     def body(t, state: _DecodeState) -> _DecodeState:
@@ -544,7 +548,8 @@ def sample(
     """Samples ``int32 [B, L]`` code ids for class ids ``labels [B]`` by MaskGIT decoding.
 
     One jitted ``lax.fori_loop`` with ``model`` and ``opts`` static: one compile per (model,
-    opts, batch size, editing or not); any params, labels and key reuse it. Editing /
+    opts except the mask schedule, batch size, editing or not); any params, labels, key and
+    schedule reuse it. Editing /
     inpainting: ``known_tokens`` and ``known_mask`` (``[B, L]``) fix the tokens where the mask is
     true from the start; they are never changed, and the schedule runs over the remaining
     unknown positions of each example. ``return_history=True`` also returns ``[B, T]``, the
@@ -555,5 +560,11 @@ def sample(
     if known_tokens is not None:
         known_tokens = jnp.asarray(known_tokens, jnp.int32)
         known_mask = jnp.asarray(known_mask, bool)
-    tokens, history = _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, opts, known_tokens, known_mask)
+    # The schedule enters only through its count table (a traced argument), so switching
+    # schedules at a fixed number of steps reuses the executable.
+    counts = mask_schedules.scheduled_counts(opts.mask_schedule, opts.num_steps, model.seq_len)  # [T, L+1]
+    core = dataclasses.replace(opts, mask_schedule=SamplerOptions.mask_schedule)
+    tokens, history = _sample_jit(
+        model, params, jnp.asarray(labels, jnp.int32), rng, core, known_tokens, known_mask, jnp.asarray(counts)
+    )
     return (tokens, history) if return_history else tokens
