@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm, SwiGLU
+from vqgen.modules.layers import DEFAULT_INIT_STD, DenseGeneral, RMSNorm, SwiGLU
 from vqgen.modules.rope import apply_rope
 
 Dtype = Any
@@ -88,16 +88,10 @@ class Attention(nn.Module):
         if h % kvh:
             raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}; pick kv heads dividing the heads.")
         hd = self.head_dim or dim // h
-        init = nn.initializers.normal(self.init_std)
 
         def proj(name, heads):
-            return nn.DenseGeneral(
-                (heads, hd),
-                use_bias=False,
-                kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=name,
+            return DenseGeneral(
+                (heads, hd), ("embed", "heads", "kv"), 1, self.init_std, self.dtype, self.param_dtype, name=name
             )
 
         q = proj("wq", h)(x)  # [B, S, H, hd]
@@ -131,14 +125,8 @@ class Attention(nn.Module):
         probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=not train)
         out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(self.dtype), values.astype(self.dtype))  # [B, S, KV, G, hd]
         out = out.reshape(b, s, h, hd)  # [B, S, H, hd]
-        out = nn.DenseGeneral(
-            dim,
-            axis=(-2, -1),
-            use_bias=False,
-            kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="wo",
+        out = DenseGeneral(
+            (dim,), ("heads", "kv", "embed"), 2, self.init_std, self.dtype, self.param_dtype, name="wo"
         )(out)  # [B, S, D]
         return out, new_cache
 

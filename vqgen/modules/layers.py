@@ -97,3 +97,32 @@ class SwiGLU(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
         out = dense("w2", dim, ("mlp", "embed"))(h)  # [..., D]
         return nn.Dropout(self.dropout_rate)(out, deterministic=not train)
+
+
+class DenseGeneral(nn.Module):
+    """Bias-free linear map contracting the last ``contract_dims`` input axes into ``features``.
+
+    The kernel is created directly with its full shape ``[*in_axes, *features]`` (flax's
+    ``nn.DenseGeneral`` initialises a flattened 2D kernel, which breaks logical partitioning of
+    multi-axis kernels under a mesh). ``axes`` are the kernel's logical names.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    contract_dims: int = 1
+    init_std: float = DEFAULT_INIT_STD
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.contract_dims :]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            in_shape + features,
+            self.param_dtype,
+        )  # [*in, *features]
+        contract = (tuple(range(x.ndim - self.contract_dims, x.ndim)), tuple(range(self.contract_dims)))
+        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
