@@ -1,0 +1,56 @@
+"""The digit judge: trains on the embedded digits, reaches >= 97% held-out, caches, scores samples."""
+import os
+
+import numpy as np
+import pytest
+
+from vqgen.data import embedded
+from vqgen.evaluation import judge as judge_lib
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("judge"))
+    return cache, judge_lib.load_or_train_judge(cache, seed=0)
+
+
+def test_held_out_accuracy_and_cache(trained):
+    cache, judge = trained
+    x_test, y_test = embedded.load_mnist("test")
+    assert judge.accuracy >= 0.97
+    np.testing.assert_allclose(np.mean(judge.predict(x_test) == y_test), judge.accuracy)
+    assert os.listdir(cache) == ["digit_judge_seed0.npz"]
+    again = judge_lib.load_or_train_judge(cache, seed=0)  # from the cache, no training
+    assert again.accuracy == judge.accuracy
+    np.testing.assert_array_equal(again.predict(x_test[:50]), judge.predict(x_test[:50]))
+
+
+def test_judge_metrics(trained):
+    _, judge = trained
+    x_test, y_test = embedded.load_mnist("test")
+    x_train, y_train = embedded.load_mnist("train")
+    pick = np.random.default_rng(0).permutation(len(x_train))[:500]  # the split is sorted by class
+    x_train, y_train = x_train[pick], y_train[pick]
+    same = judge_lib.judge_metrics(judge, x_test, y_test)
+    np.testing.assert_allclose(same["judge_accuracy"], judge.accuracy)
+    assert abs(same["judge_fid"]) < 1e-6  # the test digits against themselves
+    real = judge_lib.judge_metrics(judge, x_train[:500], y_train[:500])
+    floats = judge_lib.judge_metrics(judge, x_train[:500].astype(np.float32) / 127.5 - 1, y_train[:500])
+    np.testing.assert_allclose(floats["judge_fid"], real["judge_fid"], rtol=1e-4)
+    noise = np.random.default_rng(0).integers(0, 256, size=(500, 32, 32, 1), dtype=np.uint8)
+    bad = judge_lib.judge_metrics(judge, noise, y_train[:500])
+    assert real["judge_accuracy"] > 0.95 and bad["judge_accuracy"] < 0.5
+    assert bad["judge_fid"] > 10 * real["judge_fid"] > 0
+    assert judge.features(x_test[:3]).shape == (3, judge_lib.FEATURE_DIM)
+
+
+def test_bad_digit_input(trained):
+    _, judge = trained
+    with pytest.raises(ValueError, match="32x32"):
+        judge.predict(np.zeros((2, 28, 28, 1), np.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        judge.predict(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        judge.predict(np.full((2, 32, 32, 1), 255.0, np.float32))
+    with pytest.raises(ValueError, match="one class id per image"):
+        judge_lib.judge_metrics(judge, np.zeros((2, 32, 32, 1), np.uint8), np.zeros((3,), np.int32))
