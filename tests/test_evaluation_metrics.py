@@ -1,7 +1,5 @@
 """Evaluation metrics against independent NumPy/SciPy/scikit-image computations."""
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from vqgen.evaluation import metrics
+from vqgen.evaluation import fid, metrics
 
 
 def _random_feats(rng, n, d, shift=0.0):
@@ -77,18 +75,46 @@ def test_reference_stats_round_trip(tmp_path):
         metrics.load_reference_stats(str(tmp_path / "bad.npz"))
 
 
-def test_fid_cli_on_two_statistics_files(tmp_path):
+def test_fid_cli_on_two_statistics_files(tmp_path, capsys):
     rng = np.random.default_rng(3)
     a, b = _random_feats(rng, 60, 8), _random_feats(rng, 70, 8, shift=0.5)
     metrics.save_reference_stats(str(tmp_path / "a.npz"), a)
     metrics.save_reference_stats(str(tmp_path / "b.npz"), b)
-    out = subprocess.run(
-        [sys.executable, "-m", "vqgen.evaluation.fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
-        capture_output=True, text=True, check=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"fid"}
     np.testing.assert_allclose(result["fid"], _reference_fid(a, b), rtol=1e-6)
+
+
+def test_fid_cli_on_images_with_stand_in_features(tmp_path, capsys, monkeypatch):
+    """The CLI's plumbing (file layouts, stored stats vs activations, JSON) with a stand-in network."""
+    from vqgen.evaluation import inception
+
+    def fake_extract(params, images, mesh=None):
+        x = np.asarray(images, np.float64).reshape(len(images), -1)
+        return {"pool": x[:, :12], "spatial": x[:, 12:20], "logits_unbiased": x[:, :10] / 50.0}
+
+    monkeypatch.setattr(inception, "load_inception_params", lambda path: {})
+    monkeypatch.setattr(inception, "extract", fake_extract)
+    rng = np.random.default_rng(7)
+    samples = rng.integers(0, 256, size=(40, 4, 4, 3), dtype=np.uint8)
+    ref = rng.integers(0, 200, size=(48, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", images=samples, labels=np.zeros(40, np.int32))
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--batch_size", "16"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fs, fr = fake_extract(None, samples), fake_extract(None, ref)
+    np.testing.assert_allclose(result["fid"], _reference_fid(fs["pool"], fr["pool"]), rtol=1e-6)
+    np.testing.assert_allclose(result["sfid"], _reference_fid(fs["spatial"], fr["spatial"]), rtol=1e-6)
+    np.testing.assert_allclose(result["inception_score"], metrics.inception_score(fs["logits_unbiased"])[0])
+    p, r = metrics.precision_recall(fr["pool"], fs["pool"])
+    assert (result["precision"], result["recall"]) == (p, r)
+    np.savez(tmp_path / "float.npz", images=samples.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.main([str(tmp_path / "float.npz"), str(tmp_path / "ref.npz")])
+    np.savez(tmp_path / "odd.npz", x=samples)
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.main([str(tmp_path / "odd.npz"), str(tmp_path / "ref.npz")])
 
 
 def test_psnr_ssim_match_skimage():
