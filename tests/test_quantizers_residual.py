@@ -1,4 +1,6 @@
 """ResidualQuantizer and MultiScaleResidualQuantizer (VAR): shapes, refinement, resampling, sharding."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -29,6 +31,13 @@ def _z(shape=(2, 4, 4, D), seed=1):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _init(name, shape=(2, 4, 4, D)):
+    """Variables of ``FACTORIES[name]`` for a float32 ``z`` of ``shape`` (cached: init compiles)."""
+    return jax.jit(FACTORIES[name]().init)(jax.random.key(0), _z(shape))
+
+
+
 def _zero_code_0(tree):
     """Sets row 0 of every ``codebook`` leaf to the zero vector."""
     tree = nn.meta.unbox(tree)
@@ -42,7 +51,7 @@ def _zero_code_0(tree):
 def test_shapes_dtypes_jit_and_decode(name, dtype):
     q = FACTORIES[name]()
     z = _z().astype(dtype)
-    variables = q.init(jax.random.key(0), z)
+    variables = _init(name)
     out = q.apply(variables, z)
     chex.assert_shape(out.quantized, z.shape)
     chex.assert_type(out.quantized, dtype)
@@ -63,8 +72,9 @@ def test_shapes_dtypes_jit_and_decode(name, dtype):
     for idx in jax.tree.leaves(out.indices):
         assert int(idx.min()) >= 0 and int(idx.max()) < K
 
-    jitted = jax.jit(lambda v, x: q.apply(v, x))(variables, z)
-    chex.assert_trees_all_close(jitted, out, atol=1e-5, rtol=1e-5)
+    if dtype == jnp.float32:  # one compile per quantizer is enough to compare jit and eager
+        jitted = jax.jit(lambda v, x: q.apply(v, x))(variables, z)
+        chex.assert_trees_all_close(jitted, out, atol=1e-5, rtol=1e-5)
 
     decoded = q.apply(variables, out.indices, method="decode_indices")
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -78,7 +88,7 @@ def test_straight_through_gradient(name):
     q = FACTORIES[name]()
     z = _z()
     w = jax.random.normal(jax.random.key(7), z.shape)
-    variables = q.init(jax.random.key(0), z)
+    variables = _init(name)
     grad = jax.grad(lambda x: jnp.sum(q.apply(variables, x).quantized * w))(z)
     chex.assert_trees_all_close(grad, w, atol=1e-5)
 
@@ -96,14 +106,14 @@ def _prefix_errors(q, variables, z, indices, num):
     return np.asarray(errors)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_rq_error_does_not_increase_with_levels(shared):
+@pytest.mark.parametrize("name", ["rq", "rq_shared_ema"])
+def test_rq_error_does_not_increase_with_levels(name):
     # With the zero vector in every codebook, the greedy step never does worse than adding 0.
-    q = ResidualQuantizer(num_levels=4, codebook_size=K, shared_codebook=shared)
-    z = _z((64, D))
-    variables = _zero_code_0(q.init(jax.random.key(0), z))
+    q = FACTORIES[name]()
+    z = _z()
+    variables = _zero_code_0(_init(name))
     out = q.apply(variables, z)
-    errors = _prefix_errors(q, variables, z, out.indices, 4)
+    errors = _prefix_errors(q, variables, z, out.indices, 3)
     assert np.all(np.diff(errors) <= 1e-6), errors
     assert errors[-1] < 0.9 * errors[0], errors
     np.testing.assert_allclose(errors[-1], float(jnp.mean(jnp.square(out.quantized - z))), rtol=1e-5)
@@ -113,11 +123,11 @@ def test_msrq_error_does_not_increase_with_scales():
     # A map that is constant per sample stays constant under area down-sampling and bicubic
     # up-sampling, so with Φ = identity (phi_ratio=0) each scale is a greedy VQ step on the same
     # vector; with the zero code available the error can only go down.
-    scales = (1, 2, 3, 5, 6)
+    scales = (1, 2, 3, 4)
     q = MultiScaleResidualQuantizer(K, scales=scales, phi_ratio=0.0)
-    v = jax.random.normal(jax.random.key(4), (4, 1, 1, D))
-    z = jnp.broadcast_to(v, (4, 6, 6, D))
-    variables = _zero_code_0(q.init(jax.random.key(0), z))
+    v = jax.random.normal(jax.random.key(4), (2, 1, 1, D))
+    z = jnp.broadcast_to(v, (2, 4, 4, D))
+    variables = _zero_code_0(jax.jit(q.init)(jax.random.key(0), z))
     out = q.apply(variables, z)
     errors = _prefix_errors(q, variables, z, out.indices, len(scales))
     assert np.all(np.diff(errors) <= 1e-6), errors
@@ -128,11 +138,11 @@ def test_msrq_loss_matches_var_formula():
     # VAR: loss = mean over scales k of mse(f_hat_k, sg z) + beta * mse(sg f_hat_k, z), with f_hat_k
     # the running sum after scale k. With code 0 = 0 (and Φ's zero-initialised bias, Φ(0) = 0)
     # f_hat_k is the decode of the first k maps with the later maps set to code 0.
-    q = MultiScaleResidualQuantizer(K, scales=(1, 2, 4), beta=0.25)
+    q = FACTORIES["msrq"]()
     z = _z()
-    variables = _zero_code_0(q.init(jax.random.key(0), z))
+    variables = _zero_code_0(_init("msrq"))
     out = q.apply(variables, z)
-    errors = _prefix_errors(q, variables, z, out.indices, 3)[1:]  # mse(f_hat_k, z), k = 1..3
+    errors = _prefix_errors(q, variables, z, out.indices, 4)[1:]  # mse(f_hat_k, z), k = 1..4
     np.testing.assert_allclose(out.metrics["codebook_loss"], errors.mean(), rtol=1e-5)
     np.testing.assert_allclose(out.metrics["commitment_loss"], errors.mean(), rtol=1e-5)
     np.testing.assert_allclose(out.loss, 1.25 * errors.mean(), rtol=1e-5)
@@ -145,47 +155,56 @@ def test_resampling_matches_torch_interpolate(size):
     F = torch.nn.functional
     x = np.random.RandomState(size).randn(2, 3, 16, 16).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x), size=(size, size), mode="area").numpy()
-    got = np.asarray(resize_with(area_matrix(size, 16), jnp.asarray(x.transpose(0, 2, 3, 1))))
-    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), ref, atol=1e-5)
+    m = area_matrix(size, 16)
+    np.testing.assert_allclose(np.einsum("ih,jw,bchw->bcij", m, m, x), ref, atol=1e-5)
     small = np.ascontiguousarray(x[:, :, :size, :size])
     ref = F.interpolate(torch.from_numpy(small), size=(16, 16), mode="bicubic", align_corners=False).numpy()
-    got = np.asarray(resize_with(bicubic_matrix(16, size), jnp.asarray(small.transpose(0, 2, 3, 1))))
-    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), ref, atol=1e-5)
+    m = bicubic_matrix(16, size)
+    np.testing.assert_allclose(np.einsum("ih,jw,bchw->bcij", m, m, small), ref, atol=1e-5)
+    if size == 3:  # the jnp helper applies the matrices to channels-last maps
+        got = resize_with(m, jnp.asarray(small.transpose(0, 2, 3, 1)))
+        np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, atol=1e-5)
 
 
 def test_msrq_default_var_schedule_and_phi_sharing():
+    # Shapes only (jax.eval_shape compiles nothing): the default schedule is VAR's, with 4 Φs.
     q = MultiScaleResidualQuantizer(K)
-    z = _z((1, 16, 16, D))
-    variables = jax.jit(q.init)(jax.random.key(0), z)
+    z = jax.ShapeDtypeStruct((1, 16, 16, D), jnp.float32)
+    variables = jax.eval_shape(q.init, jax.random.key(0), z)
     params = nn.meta.unbox(variables)["params"]
     assert sorted(k for k in params if k.startswith("phi_")) == ["phi_0", "phi_1", "phi_2", "phi_3"]
     chex.assert_shape(params["phi_0"]["conv"]["kernel"], (3, 3, D, D))
-    out = jax.jit(q.apply)(variables, z)
-    assert [i.shape[1] for i in out.indices] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
-    shared = MultiScaleResidualQuantizer(K, scales=(1, 2, 4), phi_share=1)
-    assert [k for k in nn.meta.unbox(shared.init(jax.random.key(0), _z()))["params"] if k.startswith("phi")] == ["phi_0"]
-    per_scale = MultiScaleResidualQuantizer(K, scales=(1, 2, 4), phi_share=0)
-    names = [k for k in nn.meta.unbox(per_scale.init(jax.random.key(0), _z()))["params"] if k.startswith("phi")]
-    assert sorted(names) == ["phi_0", "phi_1", "phi_2"]
+    out = jax.eval_shape(q.apply, variables, z)
+    assert [i.shape[1:] for i in out.indices] == [(s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+
+    def phi_names(**kw):
+        m = MultiScaleResidualQuantizer(K, scales=(1, 2, 3, 4), **kw)
+        p = nn.meta.unbox(jax.eval_shape(m.init, jax.random.key(0), _z()))["params"]
+        return sorted(k for k in p if k.startswith("phi"))
+
+    assert phi_names(phi_share=1) == ["phi_0"]
+    assert phi_names(phi_share=0) == ["phi_0", "phi_1", "phi_2", "phi_3"]
+    assert phi_names(phi_share=2) == ["phi_0", "phi_1"]
+    assert phi_names(phi_ratio=0.0) == []
 
 
 def test_bad_input_raises():
     q = MultiScaleResidualQuantizer(K)
     with pytest.raises(ValueError, match="scales"):
         q.init(jax.random.key(0), _z((1, 8, 8, D)))
-    rq = ResidualQuantizer(num_levels=2, codebook_size=K)
-    variables = rq.init(jax.random.key(0), _z())
+    rq = FACTORIES["rq"]()
+    variables = _init("rq")
     with pytest.raises(ValueError, match="D=4"):
         rq.apply(variables, _z((2, 3)))
-    with pytest.raises(ValueError, match="num_levels=2"):
-        rq.apply(variables, jnp.zeros((2, 3), jnp.int32), method="decode_indices")
+    with pytest.raises(ValueError, match="num_levels=3"):
+        rq.apply(variables, jnp.zeros((2, 2), jnp.int32), method="decode_indices")
 
 
 @pytest.mark.parametrize("name", ["rq_shared_ema", "msrq"])
 def test_sharded_batch_matches_single_device(name):
     q = FACTORIES[name]()
     z = _z((8, 4, 4, D))
-    variables = q.init(jax.random.key(0), z)
+    variables = _init(name)  # parameter shapes do not depend on the batch
     mutable = ["quantizer_state"] if "quantizer_state" in variables else False
 
     def fn(v, x):

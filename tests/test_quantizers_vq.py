@@ -1,4 +1,6 @@
 """VectorQuantizer and IndexBackpropQuantizer: exact semantics, state updates and sharding."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -27,6 +29,13 @@ def _z(shape=(2, 4, 4, D), seed=1):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _init(name, shape=(2, 4, 4, D)):
+    """Variables of ``FACTORIES[name]`` for a float32 ``z`` of ``shape`` (cached: init compiles)."""
+    return jax.jit(FACTORIES[name]().init)(jax.random.key(0), _z(shape))
+
+
+
 def _set_codebook(variables, codebook):
     params = nn.meta.unbox(variables)
     params = jax.tree.map(lambda x: x, params)
@@ -39,7 +48,7 @@ def _set_codebook(variables, codebook):
 def test_shapes_dtypes_jit_and_decode(name, dtype):
     q = FACTORIES[name]()
     z = _z().astype(dtype)
-    variables = q.init(jax.random.key(0), z)
+    variables = _init(name)
     out = q.apply(variables, z)
     chex.assert_shape(out.quantized, z.shape)
     chex.assert_type(out.quantized, dtype)
@@ -53,8 +62,9 @@ def test_shapes_dtypes_jit_and_decode(name, dtype):
         chex.assert_type(v, jnp.float32)
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < K
 
-    jitted = jax.jit(lambda v, x: q.apply(v, x))(variables, z)
-    chex.assert_trees_all_close(jitted, out, atol=1e-5, rtol=1e-5)
+    if dtype == jnp.float32:  # one compile per quantizer is enough to compare jit and eager
+        jitted = jax.jit(lambda v, x: q.apply(v, x))(variables, z)
+        chex.assert_trees_all_close(jitted, out, atol=1e-5, rtol=1e-5)
 
     decoded = q.apply(variables, out.indices, method="decode_indices")
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -67,21 +77,21 @@ def test_vq_straight_through_gradient():
     q = VectorQuantizer(K)
     z = _z()
     w = jax.random.normal(jax.random.key(7), z.shape)
-    variables = q.init(jax.random.key(0), z)
+    variables = _init("vq")
     grad = jax.grad(lambda x: jnp.sum(q.apply(variables, x).quantized * w))(z)
     chex.assert_trees_all_close(grad, w, atol=1e-6)
 
 
 def test_vq_indices_equal_numpy_argmin_and_loss():
     q = VectorQuantizer(K, beta=0.3)
-    z = _z((64, D))
-    variables = q.init(jax.random.key(0), z)
+    z = _z()
+    variables = _init("vq")
     out = q.apply(variables, z)
     c = np.asarray(nn.meta.unbox(variables)["params"]["codebook"], np.float64)
-    zn = np.asarray(z, np.float64)
+    zn = np.asarray(z, np.float64).reshape(-1, D)
     dist = ((zn[:, None, :] - c[None]) ** 2).sum(-1)
     idx = dist.argmin(1)
-    np.testing.assert_array_equal(np.asarray(out.indices), idx)
+    np.testing.assert_array_equal(np.asarray(out.indices).reshape(-1), idx)
     mse = np.mean((zn - c[idx]) ** 2)
     np.testing.assert_allclose(out.metrics["codebook_loss"], mse, rtol=1e-5)
     np.testing.assert_allclose(out.metrics["commitment_loss"], mse, rtol=1e-5)
@@ -96,20 +106,19 @@ def test_vq_indices_equal_numpy_argmin_and_loss():
 
 def test_vq_cosine_lookup_unit_codes_and_numpy_argmax():
     q = VectorQuantizer(K, l2_normalize=True)
-    z = _z((64, D)) * 3.0
-    variables = q.init(jax.random.key(0), z)
+    z = _z() * 3.0
+    variables = _init("vq")  # same parameters; only the lookup differs
     codes = q.apply(variables, jnp.arange(K), method="decode_indices")
     np.testing.assert_allclose(np.linalg.norm(np.asarray(codes), axis=-1), 1.0, rtol=1e-5)
     c = np.asarray(nn.meta.unbox(variables)["params"]["codebook"], np.float64)
-    zn = np.asarray(z, np.float64)
+    zn = np.asarray(z, np.float64).reshape(-1, D)
     cos = (zn / np.linalg.norm(zn, axis=-1, keepdims=True)) @ (c / np.linalg.norm(c, axis=-1, keepdims=True)).T
-    np.testing.assert_array_equal(np.asarray(q.apply(variables, z).indices), cos.argmax(1))
+    np.testing.assert_array_equal(np.asarray(q.apply(variables, z).indices).reshape(-1), cos.argmax(1))
 
 
 def test_vq_factorised_lookup_is_low_dimensional():
-    q = VectorQuantizer(K, code_dim=3)
-    z = _z()
-    variables = q.init(jax.random.key(0), z)
+    q = FACTORIES["vq_factorised_cosine"]()
+    variables = _init("vq_factorised_cosine")
     params = nn.meta.unbox(variables)["params"]
     chex.assert_shape(params["codebook"], (K, 3))
     chex.assert_shape(params["proj_down"]["kernel"], (D, 3))
@@ -119,11 +128,11 @@ def test_vq_factorised_lookup_is_low_dimensional():
 
 def test_vq_loss_zero_on_code_vectors():
     q = VectorQuantizer(K)
-    variables = q.init(jax.random.key(0), _z())
+    variables = _init("vq")
     codes = q.apply(variables, jnp.arange(K), method="decode_indices")  # [K, D]
-    out = q.apply(variables, codes)
+    out = q.apply(variables, jnp.concatenate([codes, codes]).reshape(2, 4, 4, D))
     assert float(out.loss) == 0.0
-    np.testing.assert_array_equal(np.asarray(out.indices), np.arange(K))
+    np.testing.assert_array_equal(np.asarray(out.indices).reshape(-1), np.tile(np.arange(K), 2))
 
 
 def _clustered_batch(codebook, used, n_per, seed=3):
@@ -136,8 +145,7 @@ def _clustered_batch(codebook, used, n_per, seed=3):
 def test_ema_moves_used_codes_toward_assigned_vectors_and_keeps_unused():
     decay, eps = 0.5, 1e-5
     q = VectorQuantizer(8, use_ema=True, ema_decay=decay, ema_epsilon=eps)
-    z0 = _z((4, D))
-    variables = q.init(jax.random.key(0), z0)
+    variables = jax.jit(q.init)(jax.random.key(0), _z((4, D)))
     old = np.asarray(nn.meta.unbox(variables)["quantizer_state"]["codebook"], np.float64)
     used = [0, 2, 5]
     z = _clustered_batch(old, used, n_per=3)
@@ -167,7 +175,7 @@ def test_ema_moves_used_codes_toward_assigned_vectors_and_keeps_unused():
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_dead_code_restart_replaces_unused_codes_with_batch_vectors(use_ema):
     q = VectorQuantizer(8, use_ema=use_ema, ema_decay=0.5, dead_code_threshold=0.75)
-    variables = q.init(jax.random.key(0), _z((4, D)))
+    variables = jax.jit(q.init)(jax.random.key(0), _z((4, D)))
     old = np.asarray(q.apply(variables, jnp.arange(8), method="decode_indices"), np.float64)
     used = [1, 6]
     z = _clustered_batch(old, used, n_per=4)
@@ -190,11 +198,11 @@ def test_dead_code_restart_replaces_unused_codes_with_batch_vectors(use_ema):
 
 
 def test_ibq_gradient_reaches_every_code_but_vq_only_selected():
-    z = _z((32, D))
+    z = _z()
     target = jax.random.normal(jax.random.key(9), z.shape)
 
-    def sgd_step(q):
-        variables = q.init(jax.random.key(0), z)
+    def sgd_step(q, name):
+        variables = _init(name)
         params = nn.meta.unbox(variables)["params"]
 
         def loss_fn(p):
@@ -206,9 +214,9 @@ def test_ibq_gradient_reaches_every_code_but_vq_only_selected():
         changed = np.any(np.asarray(new["codebook"]) != np.asarray(params["codebook"]), axis=-1)
         return changed, np.asarray(idx)
 
-    changed, _ = sgd_step(IndexBackpropQuantizer(K))
+    changed, _ = sgd_step(IndexBackpropQuantizer(K), "ibq")
     assert changed.all(), f"IBQ left codes {np.flatnonzero(~changed)} unchanged"
-    changed, idx = sgd_step(VectorQuantizer(K))
+    changed, idx = sgd_step(VectorQuantizer(K), "vq")
     expected = np.zeros(K, bool)
     expected[np.unique(idx)] = True
     assert len(np.unique(idx)) < K
@@ -217,13 +225,13 @@ def test_ibq_gradient_reaches_every_code_but_vq_only_selected():
 
 def test_ibq_loss_matches_official_formula():
     q = IndexBackpropQuantizer(K, beta=0.4)
-    z = _z((32, D))
-    variables = q.init(jax.random.key(0), z)
+    z = _z()
+    variables = _init("ibq")
     out = q.apply(variables, z)
     c = np.asarray(nn.meta.unbox(variables)["params"]["codebook"], np.float64)
-    zn = np.asarray(z, np.float64)
+    zn = np.asarray(z, np.float64).reshape(-1, D)
     idx = (zn @ c.T).argmax(1)
-    np.testing.assert_array_equal(np.asarray(out.indices), idx)
+    np.testing.assert_array_equal(np.asarray(out.indices).reshape(-1), idx)
     mse = np.mean((zn - c[idx]) ** 2)
     # Forward values of the three terms coincide: (1 + 1 + beta) * mse.
     np.testing.assert_allclose(out.loss, (2.0 + 0.4) * mse, rtol=1e-5)
@@ -231,11 +239,10 @@ def test_ibq_loss_matches_official_formula():
 
 def test_wrong_input_dimension_raises():
     q = VectorQuantizer(K)
-    variables = q.init(jax.random.key(0), _z())
     with pytest.raises(ValueError, match="D=8"):
-        q.apply(variables, _z((2, 5)))
+        q.apply(_init("vq"), _z((2, 5)))
     ibq = IndexBackpropQuantizer(K)
-    variables = ibq.init(jax.random.key(0), _z())
+    variables = _init("ibq")
     with pytest.raises(ValueError, match="D=8"):
         ibq.apply(variables, _z((2, 5)))
 
@@ -244,7 +251,7 @@ def test_wrong_input_dimension_raises():
 def test_sharded_batch_matches_single_device(name):
     q = FACTORIES[name]()
     z = _z((8, 4, 4, D))
-    variables = q.init(jax.random.key(0), z)
+    variables = _init(name)  # parameter shapes do not depend on the batch
     mutable = ["quantizer_state"] if "quantizer_state" in variables else False
 
     def fn(v, x):
