@@ -292,6 +292,9 @@ def inflate_2d_params(
     the block output vs MAGVIT's ``[1, 1, 1, Ci, Co]`` on the block input; different widths).
     2D-only leaves (attention blocks of taming-style models) are unused.
 
+    With abstract ``params_2d`` (``jax.eval_shape`` of the 2D model) nothing is computed: the
+    result holds ``ShapeDtypeStruct``s and only ``report`` is of interest (a dry run).
+
     Both inputs may be boxed (``nn.Partitioned``) or plain; the output is plain (unboxed) and in
     the dtypes of ``params_3d``. Returns ``(params, report)`` with ``report`` listing the paths
     (``"/"``-joined) that were ``"inflated"``, ``"copied"``, ``"kept"`` (not inflatable) and
@@ -304,15 +307,20 @@ def inflate_2d_params(
     report: dict[str, list[str]] = {"inflated": [], "copied": [], "kept": [], "unused_2d": []}
     out: dict[tuple[str, ...], Any] = {}
     abstract_kept = []
+    dry_run = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat_2d.values())
     for path, leaf in flat_3d.items():
         name = "/".join(path)
         src = flat_2d.get(path)
         shape3, dtype3 = tuple(leaf.shape), leaf.dtype
         if src is not None and tuple(src.shape) == shape3:
-            out[path] = jnp.asarray(src, dtype3)
+            out[path] = jax.ShapeDtypeStruct(shape3, dtype3) if dry_run else jnp.asarray(src, dtype3)
             report["copied"].append(name)
         elif src is not None and len(shape3) == len(src.shape) + 1 and shape3[1:] == tuple(src.shape):
             kt = shape3[0]
+            report["inflated"].append(name)
+            if dry_run:
+                out[path] = jax.ShapeDtypeStruct(shape3, dtype3)
+                continue
             src = jnp.asarray(src, jnp.float32)
             if mode == "central":
                 tap = kt - 1 if causal else kt // 2
@@ -320,14 +328,13 @@ def inflate_2d_params(
             else:
                 val = jnp.broadcast_to(src[None] / kt, shape3)
             out[path] = val.astype(dtype3)
-            report["inflated"].append(name)
         else:
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 abstract_kept.append(name)
             out[path] = leaf
             report["kept"].append(name)
     report["unused_2d"] = ["/".join(p) for p in flat_2d if p not in flat_3d]
-    if abstract_kept:
+    if abstract_kept and not dry_run:
         raise ValueError(
             f"{len(abstract_kept)} 3D parameters have no inflatable 2D counterpart ({abstract_kept[:5]}...); "
             "pass initialised 3D params (model.init) instead of abstract shapes so they keep their init values."
