@@ -181,6 +181,24 @@ def test_loss_is_cross_entropy_on_masked_positions_only():
     assert abs((ce * ~mask).sum() / max((~mask).sum(), 1) - float(loss)) > 1e-4
 
 
+def test_sharded_loss_on_2x4_mesh_equals_unsharded():
+    from vqgen import parallel
+
+    model, params = _model()
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (8, L), 0, K), "label": jnp.arange(8) % C}
+    loss_fn = jax.jit(lambda p, b, r: mg.loss_fn(model, p, b, r)[0])
+    want = loss_fn(params, batch, jax.random.key(2))
+    mesh = parallel.create_mesh((2, 1, 4))
+    with parallel.mesh_context(mesh, parallel.DEFAULT_RULES):
+        abstract = jax.eval_shape(lambda r: mg.init_params(model, r), jax.random.key(0))
+        shardings = parallel.logical_to_sharding(abstract, mesh, parallel.DEFAULT_RULES)
+        sharded = jax.device_put(params, shardings)
+        assert sharded["word_embeddings"].sharding.spec[0] == "tensor"  # vocab over the tensor axis
+        got = jax.jit(lambda p, b, r: mg.loss_fn(model, p, b, r)[0])(
+            sharded, parallel.shard_batch(batch, mesh), jax.random.key(2))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ the sampler
 
 

@@ -76,15 +76,44 @@ def truncated_normal_init(stddev: float = INIT_STD):
 
 
 def _dense(features, axes, name, dtype, param_dtype, use_bias=True):
-    return nn.DenseGeneral(
+    """``nn.Dense`` with MaskGIT's init, logical axes ``axes = (in, out)`` and a zero bias."""
+    return nn.Dense(
         features,
         use_bias=use_bias,
         kernel_init=nn.with_logical_partitioning(truncated_normal_init(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:] if isinstance(features, int) else axes[1:]),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
     )
+
+
+class HeadProjection(nn.Module):
+    """Multi-head projection with bias (flax ``DenseGeneral`` layout, parameters created
+    directly so their logical names always match their rank).
+
+    ``to_heads=True``: ``[B, S, D] -> [B, S, H, hd]`` with ``kernel [D, H, hd]``, ``bias [H, hd]``.
+    ``to_heads=False``: ``[B, S, H, hd] -> [B, S, D]`` with ``kernel [H, hd, D]``, ``bias [D]``.
+    """
+
+    num_heads: int
+    head_dim: int
+    features: int
+    to_heads: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, hd, d = self.num_heads, self.head_dim, self.features
+        if self.to_heads:
+            k_shape, k_axes, b_shape, b_axes, eq = (d, h, hd), ("embed", "heads", "kv"), (h, hd), ("heads", "kv"), "bsd,dhk->bshk"
+        else:
+            k_shape, k_axes, b_shape, b_axes, eq = (h, hd, d), ("heads", "kv", "embed"), (d,), ("embed",), "bshk,hkd->bsd"
+        kernel = self.param("kernel", nn.with_logical_partitioning(truncated_normal_init(), k_axes), k_shape, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, b_axes), b_shape, self.param_dtype)
+        y = jnp.einsum(eq, x.astype(self.dtype), kernel.astype(self.dtype))  # [B, S, H, hd] or [B, S, D]
+        return y + bias.astype(self.dtype)
 
 
 def _layer_norm(name, dtype, param_dtype):
@@ -113,25 +142,19 @@ class BidirectionalAttention(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         d = x.shape[-1]
         hd = d // self.num_heads
-        shape = (self.num_heads, hd)
-        axes = ("embed", "heads", "kv")
-        q = _dense(shape, axes, "query", self.dtype, self.param_dtype)(x)  # [B, S, H, hd]
-        k = _dense(shape, axes, "key", self.dtype, self.param_dtype)(x)  # [B, S, H, hd]
-        v = _dense(shape, axes, "value", self.dtype, self.param_dtype)(x)  # [B, S, H, hd]
+
+        def proj(name, to_heads=True):
+            return HeadProjection(self.num_heads, hd, d, to_heads, self.dtype, self.param_dtype, name=name)
+
+        q = proj("query")(x)  # [B, S, H, hd]
+        k = proj("key")(x)  # [B, S, H, hd]
+        v = proj("value")(x)  # [B, S, H, hd]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, S, S]
         probs = jax.nn.softmax(scores * (hd**-0.5), axis=-1)  # [B, H, S, S] float32
         probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v.astype(self.dtype))  # [B, S, H, hd]
-        return nn.DenseGeneral(
-            d,
-            axis=(-2, -1),
-            kernel_init=nn.with_logical_partitioning(truncated_normal_init(), ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(out)  # [B, S, D]
+        return proj("out", to_heads=False)(out)  # [B, S, D]
 
 
 class BertLayer(nn.Module):
