@@ -100,6 +100,13 @@ class Judge:
     accuracy: float
     model: DigitCNN = dataclasses.field(default_factory=DigitCNN)
     batch_size: int = 500
+    _reference: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def reference_features(self) -> np.ndarray:
+        """Features of the embedded test digits (computed once), the judge-FID reference."""
+        if self._reference is None:
+            self._reference = self.features(embedded.load_mnist("test")[0])
+        return self._reference
 
     def _run(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         x = _check_digits(images)
@@ -206,7 +213,7 @@ def judge_metrics(judge: Judge, images: Any, labels: Any) -> dict[str, float]:
             f"labels have shape {labels.shape} for {np.shape(images)[0]} images; pass one class id per image."
         )
     logits, feats = judge._run(images)
-    ref = judge.features(embedded.load_mnist("test")[0])
+    ref = judge.reference_features()
     return {
         "judge_accuracy": float(np.mean(logits.argmax(-1) == labels)),
         "judge_fid": metrics.fid_from_activations(feats, ref),
