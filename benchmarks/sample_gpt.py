@@ -1,0 +1,256 @@
+"""GPT-B (LlamaGen) sampling and training throughput on the local device.
+
+Measures, for GPT-B at vocab 16384 and 256 tokens (16x16), float32:
+
+- sampling tokens/s at several batch sizes with the KV-cache sampler (``gpt.sample``) and with
+  the no-cache baseline that recomputes the full padded sequence every step
+  (``gpt.sample_without_cache``; every step costs the same, so a few steps give its rate), and
+  the cache speed-up; batch 8 also with CFG (scale 4, doubled batch);
+- the train step (AdamW, batch 8, 256 tokens): tokens/s and model FLOPs utilisation against a
+  measured float32 4096x4096 matmul peak. Model FLOPs per token are ``6 * N_matmul +
+  12 * depth * width * T`` (PaLM's formula: N_matmul excludes the embedding lookups,
+  ``T = 256`` the context); XLA's own cost-analysis count is reported beside it;
+- the batch-1 memory-bandwidth bound: the bytes of every parameter read per decoded token
+  (all but the two embedding tables) divided by a measured copy bandwidth
+  (``x + 1`` on a 256 MiB float32 array: bytes read + written per second).
+
+Timings are printed and written, never asserted. ``python benchmarks/sample_gpt.py`` writes
+``benchmarks/results/sample_gpt.json``; ``--quick`` (fewer repetitions, batches 1 and 8)
+writes ``benchmarks/results/sample_gpt_quick.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vqgen.generators import gpt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _best_time(fn, reps: int) -> float:
+    """Best wall time of ``reps`` calls of ``fn`` (which must block until its result is ready)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(n: int = 4096, reps: int = 3) -> dict:
+    """float32 ``n x n`` matmul throughput (jitted, best of ``reps``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    t = _best_time(lambda: f(a, b).block_until_ready(), reps)
+    return {"n": n, "seconds": t, "gflops": 2 * n**3 / t / 1e9}
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 5) -> dict:
+    """Streaming bandwidth over a float32 array of ``mib`` MiB.
+
+    ``gb_per_s``: in-place ``x + 1`` with the input donated (bytes read + written per second; a
+    fresh output buffer would mostly time page faults). ``read_gb_per_s``: ``sum(x)`` (read only).
+    """
+    x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+    nbytes = x.nbytes
+    inc = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+    state = {"x": inc(x)}
+
+    def once():
+        state["x"] = inc(state["x"])
+        state["x"].block_until_ready()
+
+    once()
+    t = _best_time(once, reps)
+    total = jax.jit(jnp.sum)
+    total(state["x"]).block_until_ready()
+    t_read = _best_time(lambda: total(state["x"]).block_until_ready(), reps)
+    return {"mib": mib, "seconds": t, "gb_per_s": 2 * nbytes / t / 1e9, "read_gb_per_s": nbytes / t_read / 1e9}
+
+
+def _param_stats(model: gpt.GPT) -> dict:
+    shapes = nn.meta.unbox(gpt.abstract_params(model))
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    embed = int(np.prod(shapes["tok_embeddings"]["embedding"].shape)) + int(
+        np.prod(shapes["cls_embedding"]["embedding_table"].shape)
+    )
+    return {"params": total, "embedding_params": embed, "matmul_params": total - embed}
+
+
+def bench_sampling(model, params, batches, reps: int, no_cache_steps: int, cfg_batch: int | None) -> list[dict]:
+    out = []
+    n = model.block_size
+    plain = gpt.SamplerConfig()
+    for b in batches:
+        labels = jnp.arange(b, dtype=jnp.int32) % model.num_classes
+        row = {"batch": b, "tokens_per_sample": n}
+        t0 = time.perf_counter()
+        gpt.sample(model, params, labels, jax.random.key(0), plain).block_until_ready()
+        row["cache_first_call_s"] = time.perf_counter() - t0
+        t = _best_time(lambda: gpt.sample(model, params, labels, jax.random.key(1), plain).block_until_ready(), reps)
+        row["cache_seconds"] = t
+        row["cache_tokens_per_s"] = b * n / t
+
+        fn = functools.partial(gpt.sample_without_cache, model, config=plain, num_steps=no_cache_steps)
+        t0 = time.perf_counter()
+        fn(params, labels, jax.random.key(0)).block_until_ready()
+        row["no_cache_first_call_s"] = time.perf_counter() - t0
+        t = _best_time(lambda: fn(params, labels, jax.random.key(1)).block_until_ready(), max(1, reps - 1))
+        row["no_cache_steps_timed"] = no_cache_steps
+        row["no_cache_tokens_per_s"] = b * no_cache_steps / t
+        row["cache_speedup"] = row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"]
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    if cfg_batch:
+        cfg = gpt.SamplerConfig(cfg_scale=4.0)
+        labels = jnp.arange(cfg_batch, dtype=jnp.int32) % model.num_classes
+        gpt.sample(model, params, labels, jax.random.key(0), cfg).block_until_ready()
+        t = _best_time(lambda: gpt.sample(model, params, labels, jax.random.key(1), cfg).block_until_ready(), reps)
+        row = {"batch": cfg_batch, "cfg_scale": 4.0, "cache_seconds": t, "cache_tokens_per_s": cfg_batch * n / t}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, stats: dict) -> dict:
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+
+    def step(params, opt_state, batch, rng):
+        (loss, _), grads = jax.value_and_grad(functools.partial(gpt.loss_fn, model), has_aux=True)(params, batch, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    n = model.block_size
+    batch = {
+        "tokens": jax.random.randint(jax.random.key(3), (batch_size, n), 0, model.vocab_size),
+        "labels": jnp.arange(batch_size, dtype=jnp.int32) % model.num_classes,
+    }
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = tx.init(params)
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = jstep.lower(params, opt_state, batch, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    state = {"p": params, "o": opt_state}
+
+    def run_once(i=[0]):  # noqa: B006 - a step counter for fresh keys
+        i[0] += 1
+        state["p"], state["o"], loss = compiled(state["p"], state["o"], batch, jax.random.key(i[0]))
+        loss.block_until_ready()
+
+    run_once()
+    t = _best_time(run_once, reps)
+    tokens = batch_size * n
+    model_flops = tokens * (6 * stats["matmul_params"] + 12 * model.depth * model.width * n)
+    return {
+        "batch": batch_size,
+        "seq_len": n,
+        "compile_s": compile_s,
+        "step_seconds": t,
+        "tokens_per_s": tokens / t,
+        "model_flops_per_step": model_flops,
+        "xla_flops_per_step": xla_flops,
+        "achieved_gflops": model_flops / t / 1e9,
+        "mfu": model_flops / t / 1e9 / peak_gflops,
+        "xla_flops_utilisation": xla_flops / t / 1e9 / peak_gflops,
+    }
+
+
+def run(quick: bool = False) -> dict:
+    """Runs the benchmark and returns its results (nothing is asserted)."""
+    model = gpt.gpt_variant("B", vocab_size=16384, num_classes=1000, grid=(16, 16))
+    stats = _param_stats(model)
+    params = jax.jit(lambda k: nn.meta.unbox(gpt.init_params(model, k)))(jax.random.key(0, impl="rbg"))
+    # The real init has a zero output head (uniform logits); make it random so sampling is typical.
+    params["output"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(5), params["output"]["kernel"].shape)
+
+    peak = matmul_peak(4096, reps=2 if quick else 5)
+    print(json.dumps({"matmul_peak": peak}), flush=True)
+    bw = copy_bandwidth(256, reps=3 if quick else 10)
+    print(json.dumps({"copy_bandwidth": bw}), flush=True)
+
+    sampling_rows = bench_sampling(
+        model,
+        params,
+        batches=(1, 8) if quick else (1, 8, 32),
+        reps=1 if quick else 3,
+        no_cache_steps=2 if quick else 8,
+        cfg_batch=None if quick else 8,
+    )
+    train = bench_train(model, params, 8, reps=1 if quick else 3, peak_gflops=peak["gflops"], stats=stats)
+    print(json.dumps({"train": train}), flush=True)
+
+    bytes_per_token = stats["matmul_params"] * 4
+    bound = bw["gb_per_s"] * 1e9 / bytes_per_token
+    b1 = next(r for r in sampling_rows if r["batch"] == 1 and "cfg_scale" not in r)
+    b8 = next((r for r in sampling_rows if r["batch"] == 8 and "cfg_scale" not in r), None)
+    summary = {
+        "sample_b1_tokens_per_s": b1["cache_tokens_per_s"],
+        "bandwidth_bound_b1_tokens_per_s": bound,
+        "b1_fraction_of_bandwidth_bound": b1["cache_tokens_per_s"] / bound,
+        "b8_cache_speedup": b8["cache_speedup"] if b8 else None,
+        "b8_tokens_per_s": b8["cache_tokens_per_s"] if b8 else None,
+        "train_mfu": train["mfu"],
+        "targets": {
+            "train_mfu": ">= 0.5",
+            "b1_fraction_of_bandwidth_bound": ">= 0.5",
+            "b8_cache_speedup": ">= 4",
+            "llamagen_pytorch_reference_tokens_per_s": {"train_b8": 270, "sample_b1": 40, "sample_b8": 190, "sample_b8_cfg": 150},
+        },
+    }
+    return {
+        "benchmark": "sample_gpt",
+        "quick": quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.local_devices()],
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "model": {"variant": "B", "vocab_size": 16384, "tokens": 256, "dtype": "float32", **stats},
+        "matmul_peak": peak,
+        "copy_bandwidth": bw,
+        "bytes_read_per_token_b1": bytes_per_token,
+        "sampling": sampling_rows,
+        "train": train,
+        "summary": summary,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and batch sizes")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / ("sample_gpt_quick.json" if args.quick else "sample_gpt.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
