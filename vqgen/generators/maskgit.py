@@ -44,6 +44,21 @@ token is its log-probability plus Gumbel noise times ``choice_temperature * (1 -
 (MaskGIT anneals with the ratio of the NEXT step, ``(t + 1) / T``); tokens decoded earlier or
 given by the user get +inf; the ``num_masked`` lowest-confidence new tokens are masked again
 (:func:`vqgen.generators.mask_schedules.num_masked`, exact counts by rank, not by a threshold).
+Tokens decoded at one step are never re-masked later, as in MaskGIT.
+
+Sampler details that differ from ``libml/parallel_decode.py`` (none changes MaskGIT's default
+setting of temperature 1, no top-k/top-p, no guidance):
+
+- The schedule's counts are computed in float64 on the host (:func:`mask_schedules.
+  scheduled_counts`) and passed into the loop as a table, so they equal :func:`num_masked`
+  exactly; MaskGIT computes them in float32 inside the loop (a count can differ by one where
+  ``ratio * N`` is within float32 rounding of an integer).
+- Positions are re-masked by rank (exactly ``num_masked`` of them); MaskGIT's threshold
+  ``confidence < sorted[mask_len]`` can mask fewer on ties.
+- The last step decodes every remaining position (MaskGIT returns the sampled sequence of its
+  last iteration, which is the same thing).
+- The confidence is the log-probability under the distribution actually sampled from (after
+  guidance, temperature and top-k/top-p); MaskGIT has only the plain softmax.
 """
 from __future__ import annotations
 
