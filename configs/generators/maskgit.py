@@ -23,7 +23,9 @@ Its training section follows MaskGIT's ``vqgan_config.py`` where that file state
 b1 0 / b2 0.99, lr 1e-4, batch 256, 1M steps, perceptual weight 0.1, non-saturating GAN loss
 with weight 0.1, R1 penalty 10, entropy loss 0.1, commitment 0.25); MaskGIT released no
 tokenizer trainer, so the rest (L2 reconstruction, the StyleGAN discriminator's widths, no
-adaptive weight) follows MAGVIT's trainer from the same group. The generator's optimiser is
+adaptive weight) follows MAGVIT's trainer from the same group. The perceptual term needs
+``--config.tokenizer_train.lpips_path`` (LPIPS weights from ``python -m vqgen.convert.lpips``;
+without it the term is off, with a warning). The generator's optimiser is
 ``maskgit_class_cond_config.py``'s: lr 1e-4, b1 0.9, b2 0.96, weight decay 0.045, 5000 warmup
 steps, batch 256, 2M steps.
 """
