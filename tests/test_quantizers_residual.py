@@ -37,7 +37,6 @@ def _init(name, shape=(2, 4, 4, D)):
     return jax.jit(FACTORIES[name]().init)(jax.random.key(0), _z(shape))
 
 
-
 def _zero_code_0(tree):
     """Sets row 0 of every ``codebook`` leaf to the zero vector."""
     tree = nn.meta.unbox(tree)

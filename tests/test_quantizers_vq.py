@@ -35,14 +35,6 @@ def _init(name, shape=(2, 4, 4, D)):
     return jax.jit(FACTORIES[name]().init)(jax.random.key(0), _z(shape))
 
 
-
-def _set_codebook(variables, codebook):
-    params = nn.meta.unbox(variables)
-    params = jax.tree.map(lambda x: x, params)
-    params["params"]["codebook"] = jnp.asarray(codebook)
-    return params
-
-
 @pytest.mark.parametrize("name", list(FACTORIES))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_shapes_dtypes_jit_and_decode(name, dtype):
