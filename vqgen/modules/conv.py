@@ -69,7 +69,7 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),  # PyTorch Conv default
             tuple(spatial_dims) + ("conv_in", "conv_out"),
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),

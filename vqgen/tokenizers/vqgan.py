@@ -43,7 +43,8 @@ Deviations from the official models, all of names or numerics, none of structure
     ``quant_conv``; Open-MAGVIT2 has none either. LlamaGen's quantizer stores its codebook
     un-normalised and l2-normalises on use, as does ``VectorQuantizer(l2_normalize=True)``.
   * GroupNorm statistics are float32 whatever the compute dtype; attention softmax is float32.
-  * Weight initialisation is Flax's (truncated-normal fan-in), not PyTorch's defaults.
+  * Conv kernels start from PyTorch's default U(+-1/sqrt(fan_in)); biases start at zero (PyTorch draws
+    them from the same uniform).
   * ``resolution`` only decides where attention goes (as in taming); inputs of other sizes work.
 
 Parameter counts (``count_params``, quantizer included), checked in ``tests/test_vqgan.py``:
@@ -326,8 +327,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 QUANTIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "maskgit": ("VectorQuantizer", dict(codebook_size=1024, beta=0.25, entropy_loss_weight=0.1)),
     "llamagen_vq16": ("VectorQuantizer", dict(codebook_size=16384, l2_normalize=True, beta=0.25)),
-    "open_magvit2": ("LookupFreeQuantizer", dict(entropy_loss_weight=0.1, commitment_weight=0.25,
-                                                 codebook_entropy_weight=1.0)),
+    # num_groups=2 keeps the 2**18 codebook entropy in bounded memory (DESIGN.md §3, LFQ).
+    "open_magvit2": ("LookupFreeQuantizer", dict(dim=18, entropy_loss_weight=0.1, commitment_weight=0.25,
+                                                 codebook_entropy_weight=1.0, num_groups=2)),
     "quickstart": ("VectorQuantizer", dict(codebook_size=256, l2_normalize=True, beta=0.25)),
 }
 
