@@ -302,6 +302,18 @@ def test_blocks_match_pytorch():
     p = _init(up, x, seed=7)[1]["params"]
     ref = _tconv(F.interpolate(xt, scale_factor=2.0, mode="nearest"), p["conv"])
     np.testing.assert_allclose(up.apply({"params": p}, x), to_nhwc(ref), atol=1e-4, rtol=1e-4)
+    # Open-MAGVIT2's AdaptiveGroupNorm: Linear(std of z) * GN(x) + Linear(mean of z).
+    z = np.asarray(_images((2, 3, 3, 5), seed=8))
+    agn = C.AdaptiveGroupNorm(norm_groups=4)
+    abstract = jax.eval_shape(agn.init, jax.random.key(0), x, z)
+    rng = np.random.default_rng(9)
+    p = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), nn.meta.unbox(abstract)["params"])
+    zt = _t(z).permute(0, 3, 1, 2).flatten(2)  # [B, Dz, L]
+    lin = lambda v, q: v @ _t(q["kernel"]) + _t(q["bias"])  # noqa: E731
+    scale, shift = lin((zt.var(dim=-1) + 1e-6).sqrt(), p["gamma"]), lin(zt.mean(dim=-1), p["beta"])
+    ref = scale[:, :, None, None] * F.group_norm(xt, 4, eps=1e-6) + shift[:, :, None, None]
+    np.testing.assert_allclose(agn.apply({"params": p}, x, z), to_nhwc(ref), atol=1e-4, rtol=1e-4)
+
     d2s = np.asarray(C.depth_to_space(jnp.asarray(x), 2))  # 8 channels -> 2
     for i in range(2):
         for j in range(2):

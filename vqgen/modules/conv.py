@@ -283,7 +283,8 @@ class AdaptiveGroupNorm(nn.Module):
     """Open-MAGVIT2's adaptive GroupNorm: affine-free GroupNorm of ``x`` modulated by ``z``.
 
     ``scale = gamma(sqrt(var_spatial(z) + eps))`` and ``bias = beta(mean_spatial(z))`` per
-    sample and channel (biased variance, float32), ``y = scale * GN(x) + bias``.
+    sample and channel, ``y = scale * GN(x) + bias``. The variance is the unbiased one (PyTorch's
+    ``Tensor.var`` default, which Open-MAGVIT2 uses), computed in float32.
     """
 
     norm_groups: int = 32
@@ -296,7 +297,7 @@ class AdaptiveGroupNorm(nn.Module):
         c = x.shape[-1]
         spatial = tuple(range(1, z.ndim - 1))
         z32 = z.astype(jnp.float32)
-        std = jnp.sqrt(jnp.var(z32, axis=spatial) + self.epsilon)  # [B, Dz]
+        std = jnp.sqrt(jnp.var(z32, axis=spatial, ddof=1) + self.epsilon)  # [B, Dz]
         mean = jnp.mean(z32, axis=spatial)  # [B, Dz]
 
         def dense(name):
