@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mode = "all"
     c.tokenizer = ml_collections.ConfigDict(dict(
         arch="vqgan", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-        resolution=32, z_channels=32, embed_dim=8, dropout=0.0, dtype="float32",
+        resolution=32, z_channels=32, embed_dim=8, dropout=0.0, norm_groups=32, dtype="float32",
         quantizer=ml_collections.ConfigDict(dict(
             type="vq", codebook_size=512, l2_normalize=True, beta=0.25)),
     ))

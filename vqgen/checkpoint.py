@@ -74,6 +74,8 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False,
              extra_meta: dict | None = None) -> bool:
         """Saves at ``step`` when the interval says so (or ``force``); returns whether it did."""
+        if self.manager.latest_step() == int(step):
+            return False
         items = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": int(step),

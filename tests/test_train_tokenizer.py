@@ -1,0 +1,200 @@
+"""The tokenizer trainer: one compile, sharded == unsharded, exact resume after SIGKILL,
+SIGTERM checkpoints, the tfds path offline, and clear errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import flax
+import jax
+import numpy as np
+import pytest
+
+import tiny_config
+from vqgen import parallel
+from vqgen.checkpoint import IncompatibleCheckpointError
+from vqgen.train.tokenizer import TokenizerTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+def _cli(workdir, *overrides, mode="train_tokenizer"):
+    return [sys.executable, "-m", "vqgen.main", f"--config={CONFIG}", f"--workdir={workdir}",
+            f"--mode={mode}", *overrides]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _final_params(workdir):
+    config = tiny_config.get_config()
+    trainer = TokenizerTrainer(config, str(workdir))
+    ckpt = trainer.checkpointer()
+    state, _ = trainer.create_state()
+    state = ckpt.restore(state)
+    ckpt.close()
+    return jax.device_get(state)
+
+
+def _batch(trainer, seed=0):
+    _, it = trainer.make_data("train", train=True)
+    return trainer.put_batch(next(it))
+
+
+def test_step_compiles_once_and_sharded_equals_single_device(tmp_path):
+    config = tiny_config.get_config()
+    config.unlock()
+    config.tokenizer_train.warmup_steps = 0  # full learning rate from the first step
+    config.tokenizer_train.disc.start_step = 0  # the GAN terms are live in the compared steps
+    config.lock()
+    results = {}
+    for name, mesh in {"single": parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]),
+                       "2x4": parallel.create_mesh((2, 4, 1))}.items():
+        chex.clear_trace_counter()  # the guard keys on the defining stack, shared by both meshes
+        trainer = TokenizerTrainer(config, str(tmp_path / name), mesh=mesh)
+        state, shardings = trainer.create_state()
+        step = trainer.compiled_step(shardings, max_traces=1)
+        _, it = trainer.make_data("train", train=True)
+        rng = jax.random.key(1)
+        losses = []
+        with parallel.mesh_context(trainer.mesh, trainer.rules):
+            for _ in range(2):  # 2 calls, 1 trace: assert_max_traces raises on a retrace
+                state, metrics = step(state, trainer.put_batch(next(it)), rng, None)
+                losses.append({k: float(metrics[k]) for k in ("loss", "d_loss", "g_loss", "q/usage")})
+        results[name] = (losses, jax.device_get(state.params), jax.device_get(state.disc_params))
+    for a, b in zip(results["2x4"][0], results["single"][0]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    # The key bias of an attention block has an identically zero gradient (softmax is invariant
+    # to a per-query constant), so what it receives is rounding noise that Adam rescales to +-lr.
+    # Every other parameter must agree to float tolerance (Adam's first steps divide by |g|, so
+    # reduction-order differences in tiny gradients show up at ~1e-5); those within 2 * lr.
+    lr = config.tokenizer_train.lr
+    flat_a = flax.traverse_util.flatten_dict(results["2x4"][1], sep="/")
+    flat_b = flax.traverse_util.flatten_dict(results["single"][1], sep="/")
+    for key in flat_b:
+        tol = 2 * 2 * lr if key.endswith("k/bias") else 5e-5
+        np.testing.assert_allclose(flat_a[key], flat_b[key], atol=tol, rtol=1e-4, err_msg=key)
+    chex.assert_trees_all_close(results["2x4"][2], results["single"][2], rtol=1e-4, atol=1e-5)
+
+
+def test_retrace_is_detected(tmp_path):
+    """The compile-once guard is live: a second input shape must trip it."""
+    chex.clear_trace_counter()
+    trainer = TokenizerTrainer(tiny_config.get_config(), str(tmp_path))
+    state, shardings = trainer.create_state()
+    step = trainer.compiled_step(shardings, max_traces=1)
+    batch = _batch(trainer)
+    with parallel.mesh_context(trainer.mesh, trainer.rules):
+        state, _ = step(state, batch, jax.random.key(0), None)
+        half = parallel.shard_batch({k: np.asarray(v)[:, :, :16] if k == "image" else np.asarray(v)
+                                     for k, v in batch.items()}, trainer.mesh)
+        with pytest.raises(AssertionError):
+            step(state, half, jax.random.key(0), None)
+
+
+def _wait_for(path, proc, timeout=240):
+    t0 = time.time()
+    while not os.path.isdir(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early with code {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.02)
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    steps = ["--config.tokenizer_train.num_steps=30", "--config.tokenizer_train.save_every=3",
+             "--config.tokenizer_train.log_every=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(straight, *steps), check=True, env=_env(), capture_output=True, text=True)
+    proc = subprocess.Popen(_cli(killed, *steps), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(killed / "checkpoints" / "tokenizer" / "3", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "report.json").exists(), "the run finished before it was killed"
+    done = subprocess.run(_cli(killed, *steps), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _final_params(straight), _final_params(killed)
+    assert int(a.step) == int(b.step) == 30
+    chex.assert_trees_all_close(b.params, a.params, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(b.ema_params, a.ema_params, atol=1e-6, rtol=0)
+    ra = json.loads((straight / "report.json").read_text())["tokenizer"]
+    rb = json.loads((killed / "report.json").read_text())["tokenizer"]
+    for k in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+        assert rb[k] == pytest.approx(ra[k], abs=1e-6), k
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    proc = subprocess.Popen(
+        _cli(tmp_path, "--config.tokenizer_train.num_steps=100000", "--config.tokenizer_train.save_every=50000"),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the tensorboard log appears once the loop runs (log_every=1)
+    log = tmp_path / "tb" / "tokenizer" / "metrics.jsonl"
+    t0 = time.time()
+    while not log.exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints" / "tokenizer") if p.isdigit())
+    assert steps and 0 < steps[-1] < 50000, steps
+    assert "SIGTERM" in out + err
+
+
+def test_tfds_source_one_step(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tiny_config.get_config()
+    config.unlock()
+    config.data.source = "tfds:mnist"
+    config.tokenizer_train.num_steps = 1
+    config.lock()
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        trainer = TokenizerTrainer(config, str(tmp_path))
+        state = trainer.train()
+    assert int(state.step) == 1
+    assert np.isfinite(jax.device_get(jax.tree.leaves(state.params)[0])).all()
+
+
+def test_batch_not_divisible_by_data_axis(tmp_path):
+    config = tiny_config.get_config()
+    config.unlock()
+    config.tokenizer_train.batch_size = 6
+    config.lock()
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        TokenizerTrainer(config, str(tmp_path))
+
+
+def test_incompatible_checkpoint_is_refused_and_untouched(tmp_path):
+    config = tiny_config.get_config()
+    config.unlock()
+    config.tokenizer_train.num_steps = 2
+    config.lock()
+    TokenizerTrainer(config, str(tmp_path)).train()
+    ckpt_dir = tmp_path / "checkpoints" / "tokenizer"
+    before = sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*"))
+    other = tiny_config.get_config()
+    other.unlock()
+    other.tokenizer.ch = 16
+    other.lock()
+    with pytest.raises(IncompatibleCheckpointError, match="different model configuration"):
+        TokenizerTrainer(other, str(tmp_path)).train()
+    assert sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*")) == before
+
+
+def test_config_key_typo_is_one_clear_error(tmp_path):
+    res = subprocess.run(_cli(tmp_path, "--config.tokenizer_train.nmu_steps=3", mode="summary"),
+                         env=_env(), capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "nmu_steps" in res.stderr

@@ -1,0 +1,34 @@
+"""A tiny run config for tests: the quickstart structure with toy widths and few steps.
+
+Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit]`` or ``tiny_config.get_config()``.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+
+import quickstart  # noqa: E402
+
+
+def get_config(arg=None):
+    c = quickstart.get_config(arg)
+    c.unlock()
+    t = c.tokenizer
+    t.ch, t.ch_mult, t.num_res_blocks, t.z_channels, t.embed_dim, t.norm_groups = 8, (1, 2), 1, 8, 4, 4
+    t.quantizer.codebook_size = 32
+    tt = c.tokenizer_train
+    tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.image_every = 4, 8, 2, 1, 0
+    tt.warmup_steps = 1
+    tt.disc.ch, tt.disc.n_layers, tt.disc.start_step = 8, 1, 1
+    c.data.eval_examples = 16
+    g = c.generator
+    g.width, g.depth, g.num_heads = 32, 1, 2
+    if "num_kv_heads" in g:
+        g.num_kv_heads = 2
+    if "mlp_dim" in g:
+        g.mlp_dim = 64
+    gt = c.generator_train
+    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 4, 8, 2, 1, 1
+    c.sample.per_class, c.sample.batch_size = 2, 20
+    c.lock()
+    return c
