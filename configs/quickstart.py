@@ -3,7 +3,7 @@
     python -m vqgen.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 ``configs/quickstart.py:gpt`` (the default) uses the LlamaGen-style GPT as the generator,
-``configs/quickstart.py:maskgit`` uses MaskGIT. 32x32 digits become 8x8 tokens of a 512-code,
+``configs/quickstart.py:maskgit`` uses MaskGIT. 32x32 digits become 8x8 tokens of a 256-code,
 8-dimensional, l2-normalised codebook.
 """
 import ml_collections
@@ -18,15 +18,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.base_config()
     c.mode = "all"
     c.tokenizer = ml_collections.ConfigDict(dict(
-        arch="vqgan", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-        resolution=32, z_channels=32, embed_dim=8, dropout=0.0, norm_groups=32, dtype="float32",
+        arch="vqgan", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        resolution=32, z_channels=32, embed_dim=8, dropout=0.0, norm_groups=8, dtype="float32",
         quantizer=ml_collections.ConfigDict(dict(
-            type="vq", codebook_size=512, l2_normalize=True, beta=0.25)),
+            type="vq", codebook_size=256, l2_normalize=True, beta=0.25)),
     ))
     c.tokenizer_train = config_lib.tokenizer_train_config(
-        num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, b1=0.9, b2=0.99,
-        log_every=50, save_every=250, image_every=500,
-        disc=config_lib.disc_config(type="patchgan", ch=16, n_layers=2, weight=0.1, start_step=1000,
+        num_steps=800, batch_size=32, lr=1e-3, warmup_steps=50, b1=0.9, b2=0.99, ema_decay=0.99,
+        log_every=50, save_every=200, image_every=400,
+        disc=config_lib.disc_config(type="patchgan", ch=16, n_layers=2, weight=0.1, start_step=500,
                                     lr=2e-4))
     c.generator = config_lib.generator_config(generator)
     c.generator_train = config_lib.generator_train_config(generator)

@@ -16,6 +16,9 @@ Conventions shared by every block:
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,12 +72,26 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),  # PyTorch Conv default
+            flat_kernel_init(nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")),  # PyTorch default
             tuple(spatial_dims) + ("conv_in", "conv_out"),
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,
     )
+
+
+def flat_kernel_init(init: Callable) -> Callable:
+    """Wraps a fan-in/fan-out initializer so it draws ``[prod(window) * Cin, Cout]`` and reshapes.
+
+    Same fans, same distribution; but XLA:CPU compiles a 2D random draw in a fraction of the time
+    it takes for a rank-4/5 one (seconds per kernel with partitionable threefry).
+    """
+
+    def wrapped(key, shape, dtype=jnp.float32):
+        flat = (math.prod(shape[:-1]), shape[-1])
+        return init(key, flat, dtype).reshape(shape)
+
+    return wrapped
 
 
 def group_norm(
