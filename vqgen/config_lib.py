@@ -65,7 +65,7 @@ def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict
 def sample_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
     d = dict(per_class=100, batch_size=100, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=2.0,
              cfg_schedule="constant", cfg_interval=(0.0, 1.0), num_steps=8, choice_temperature=4.5,
-             use_ema=True)
+             use_ema=True, task="class", cond_frames=4)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 

@@ -116,9 +116,9 @@ class GeneratorTrainer:
             weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip)
         self.ckpt_dir = os.path.join(workdir, "checkpoints", "generator")
 
-    def _token_grid(self) -> tuple[int, int]:
-        dummy = np.zeros((1, self.config.data.image_size, self.config.data.image_size,
-                          self.config.data.channels), np.float32)
+    def _token_grid(self) -> tuple[int, ...]:
+        """Token-map shape of one example: ``(h, w)`` for images, ``(t, h, w)`` for video."""
+        dummy = self.tokenizer.trainer._dummy()
         shape = jax.eval_shape(lambda x: self.tokenizer.model.apply(
             {"params": self.tokenizer.params, **self.tokenizer.model_state}, x, method="encode").indices,
             dummy).shape
