@@ -25,7 +25,7 @@ Deviations from LlamaGen, none of which changes the function computed:
 - Non-square grids are allowed (LlamaGen asserts a square ``block_size``).
 
 Parameter counts (:func:`count_params`) of :data:`VARIANTS` at vocab 16384, 1000 classes and
-256 tokens: B 111.0M, L 343.0M, XL 774.9M, XXL 1.41B, 3B 3.10B — LlamaGen's 111M, 343M, 775M,
+256 tokens: B 110.9M, L 342.9M, XL 774.7M, XXL 1.411B, 3B 3.097B — LlamaGen's 111M, 343M, 775M,
 1.4B and 3.1B (its 3B is the t2i model; here it is counted with the c2i class table).
 
 Sampler: :func:`sample` validates its inputs and calls a module-level ``jax.jit`` whose static
@@ -248,7 +248,7 @@ def gpt_variant(name: str, **overrides: Any) -> GPT:
 
 
 def init_cache(model: GPT, batch: int, dtype: Dtype | None = None) -> list[Cache]:
-    """Preallocated per-layer KV caches ``[batch, 1 + h*w, kv_heads, head_dim]`` (zeros)."""
+    """Preallocated per-layer KV caches ``{'k', 'v'}: [batch, kv_heads, 1 + h*w, head_dim]`` (zeros)."""
     dtype = model.dtype if dtype is None else dtype
     return [init_layer_cache(batch, model.max_len, model.kv_heads, model.head_dim, dtype) for _ in range(model.depth)]
 

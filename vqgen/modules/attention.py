@@ -2,7 +2,8 @@
 pre-norm LLaMA transformer block built on it.
 
 The KV cache is a plain pytree (no linen collection): :func:`init_cache` allocates
-``{'k': [B, T, KV, hd], 'v': [B, T, KV, hd]}`` once, and every call that is given a cache and a
+``{'k': [B, KV, T, hd], 'v': [B, KV, T, hd]}`` once (head-major, as LlamaGen's cache, so that
+attention reads it without a transpose), and every call that is given a cache and a
 position ``pos`` writes its ``S`` new keys/values at ``[pos, pos + S)`` with
 ``lax.dynamic_update_slice`` and returns the updated cache. The same code prefills many tokens
 (``S > 1``) and decodes one token per step (``S == 1``); ``pos`` may be a traced scalar, so a
@@ -33,8 +34,8 @@ _MASK_VALUE = -1e30
 
 
 def init_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32) -> Cache:
-    """Allocates an empty KV cache ``{'k', 'v'}`` of shape ``[batch, max_len, kv_heads, head_dim]``."""
-    shape = (batch, max_len, kv_heads, head_dim)
+    """Allocates an empty KV cache ``{'k', 'v'}`` of shape ``[batch, kv_heads, max_len, head_dim]``."""
+    shape = (batch, kv_heads, max_len, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -104,27 +105,29 @@ class Attention(nn.Module):
             q = apply_rope(q, cos, sin)  # [B, S, H, hd]
             k = apply_rope(k, cos, sin)  # [B, S, KV, hd]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        k = k.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+        v = v.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
 
         if cache is None:
             keys, values, new_cache, q_start = k, v, None, 0
         else:
-            start = (0, pos, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, T, KV, hd]
-            values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)  # [B, T, KV, hd]
+            start = (0, 0, pos, 0)
+            keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, KV, T, hd]
+            values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)  # [B, KV, T, hd]
             new_cache, q_start = {"k": keys, "v": values}, pos
-        t = keys.shape[1]
+        t = keys.shape[2]
 
-        qg = q.reshape(b, s, kvh, h // kvh, hd)  # [B, S, KV, G, hd]
+        qg = q.reshape(b, s, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, hd]
         scores = jnp.einsum(
-            "bskgd,btkd->bkgst", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
+            "bkgsd,bktd->bkgst", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
         )  # [B, KV, G, S, T]
         scores = scores * (hd**-0.5)
         mask = attention_mask(s, t, q_start, self.causal)  # [S, T]
         scores = jnp.where(mask, scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, KV, G, S, T] float32
         probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=not train)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(self.dtype), values.astype(self.dtype))  # [B, S, KV, G, hd]
-        out = out.reshape(b, s, h, hd)  # [B, S, H, hd]
+        out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(self.dtype), values.astype(self.dtype))  # [B, KV, G, S, hd]
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)  # [B, S, H, hd]
         out = DenseGeneral(
             (dim,), ("heads", "kv", "embed"), 2, self.init_std, self.dtype, self.param_dtype, name="wo"
         )(out)  # [B, S, D]
