@@ -32,7 +32,7 @@ from vqgen.data import tokens as token_data
 from vqgen.train import common
 from vqgen.train.tokenizer import TokenizerTrainer, quantizer_codebook_size
 
-FAMILIES = {"gpt": "vqgen.generators.gpt", "maskgit": "vqgen.generators.maskgit"}
+FAMILIES = {"gpt": "vqgen.generators.gpt", "maskgit": "vqgen.generators.maskgit", "magvit": "vqgen.generators.magvit"}
 
 
 @flax.struct.dataclass
