@@ -106,7 +106,7 @@ class TokenizerTrainer:
         self.perceptual = None
         if tc.perceptual_weight > 0:
             from vqgen.losses.perceptual import make_perceptual_loss
-            self.perceptual = make_perceptual_loss(tc.lpips_path or None)
+            self.perceptual = make_perceptual_loss(tc.lpips_path or None, config_key="tokenizer_train.lpips_path")
         self.ckpt_dir = os.path.join(workdir, "checkpoints", "tokenizer")
         self._step_fn = None
 
@@ -286,8 +286,6 @@ class TokenizerTrainer:
             state, shardings, start = self.restore_or_create(ckpt, data_iter)
             if start < tc.num_steps:
                 logging.info("training the tokenizer from step %d to %d", start, tc.num_steps)
-                if self.perceptual is None and tc.perceptual_weight > 0:
-                    logging.info("perceptual loss is off (no LPIPS weights file).")
                 writer = common.MetricWriter(os.path.join(self.workdir, "tb", "tokenizer"))
                 step_fn = self.compiled_step(shardings)
                 lp = None if self.perceptual is None else self.perceptual[1]
