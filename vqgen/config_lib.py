@@ -42,9 +42,9 @@ def tokenizer_train_config(**kw) -> ml_collections.ConfigDict:
 def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
     """Generator architecture fields for the quickstart-sized models (override per config)."""
     if arch == "gpt":
-        d = dict(arch="gpt", width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_ratio=4.0,
-                 class_dropout_prob=0.1, token_dropout_prob=0.0, resid_dropout=0.0, attn_dropout=0.0,
-                 qk_norm=False, dtype="float32")
+        d = dict(arch="gpt", width=256, depth=4, num_heads=4, num_kv_heads=4,
+                 class_dropout_prob=0.1, token_dropout_prob=0.0, resid_dropout_prob=0.0,
+                 ffn_dropout_prob=0.0, attn_dropout_prob=0.0, qk_norm=False, dtype="float32")
     elif arch == "maskgit":
         d = dict(arch="maskgit", width=256, depth=4, num_heads=4, mlp_dim=1024, dropout=0.0,
                  class_dropout_prob=0.1, label_smoothing=0.1, mask_schedule="cosine", dtype="float32")
