@@ -26,6 +26,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass options as --flag=value.")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py.")
