@@ -217,7 +217,8 @@ def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: C
                 pending["steps_per_sec"] = (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
                 writer.scalars(done, pending)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(pending.items())[:4]}, refresh=False)
+                shown = [k for k in ("loss", "l1", "accuracy", "q/usage", "d_loss") if k in pending][:4]
+                bar.set_postfix({k: f"{pending[k]:.4g}" for k in shown}, refresh=False)
             if on_images is not None and loop.image_every and done % loop.image_every == 0:
                 on_images(done, state)
             bar.update(1)
