@@ -19,14 +19,16 @@ Structure (identical to LlamaGen ``autoregressive/models/gpt.py``, c2i):
 Deviations from LlamaGen, none of which changes the function computed:
 - ``wqkv`` is stored as three kernels ``wq/wk/wv`` (split its rows ``[D, kv, kv]``), every
   kernel is ``[in, out]`` (PyTorch's transpose) and multi-head kernels keep the head axis
-  (``wq [D, H, hd]``, ``wo [H, hd, D]``); RMSNorm weights are called ``scale`` and embedding
-  tables ``embedding`` (flax names).
+  (``wq [D, H, hd]``, ``wo [H, hd, D]``); RMSNorm ``weight`` is called ``scale`` and
+  ``tok_embeddings.weight`` is ``tok_embeddings.embedding`` (flax names). The KV cache is an
+  explicit pytree ``[B, KV, T, hd]`` per layer instead of module buffers.
 - Stochastic depth (``drop_path_rate``, 0 in LlamaGen's c2i recipe) is not implemented.
 - Non-square grids are allowed (LlamaGen asserts a square ``block_size``).
 
 Parameter counts (:func:`count_params`) of :data:`VARIANTS` at vocab 16384, 1000 classes and
 256 tokens: B 110.9M, L 342.9M, XL 774.7M, XXL 1.411B, 3B 3.097B — LlamaGen's 111M, 343M, 775M,
-1.4B and 3.1B (its 3B is the t2i model; here it is counted with the c2i class table).
+1.4B and 3.1B (LlamaGen's code lists GPT_3B under its t2i heading; the paper's c2i 3B has the
+same shape and is counted here with the 1000-class table).
 
 Sampler: :func:`sample` validates its inputs and calls a module-level ``jax.jit`` whose static
 arguments are the model (a hashable linen dataclass) and the :class:`SamplerConfig`, so it
@@ -57,7 +59,7 @@ Dtype = Any
 
 CLS_TOKEN_NUM = 1
 
-# LlamaGen c2i variants (GPT_B ... GPT_XXL; GPT_3B is its t2i size): depth, width, heads.
+# LlamaGen variants GPT_B ... GPT_XXL and GPT_3B: depth (n_layer), width (dim), heads (n_head).
 VARIANTS: dict[str, dict[str, int]] = {
     "B": dict(depth=12, width=768, num_heads=12),
     "L": dict(depth=24, width=1024, num_heads=16),
