@@ -42,7 +42,7 @@ def tokenizer_train_config(**kw) -> ml_collections.ConfigDict:
 def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
     """Generator architecture fields for the quickstart-sized models (override per config)."""
     if arch == "gpt":
-        d = dict(arch="gpt", width=256, depth=4, num_heads=4, num_kv_heads=4,
+        d = dict(arch="gpt", width=192, depth=4, num_heads=4, num_kv_heads=4,
                  class_dropout_prob=0.1, token_dropout_prob=0.0, resid_dropout_prob=0.0,
                  ffn_dropout_prob=0.0, attn_dropout_prob=0.0, qk_norm=False, dtype="float32")
     elif arch == "maskgit":
@@ -55,7 +55,7 @@ def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
 
 
 def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
-    d = dict(num_steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, schedule="cosine",
+    d = dict(num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
              weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0, ema_decay=0.999, flip_augment=False,
              log_every=50, save_every=500, keep=2, image_every=0)
     d.update(kw)

@@ -278,12 +278,15 @@ def count_params(model: GPT) -> int:
 def loss_fn(model: GPT, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool = True):
     """Next-token cross entropy (float32) of ``batch = {'tokens' [B, L], 'labels' [B]}``.
 
+    The trainers' batches name the class ``'label'``; either key is accepted.
+
     ``rng`` drives class dropout, token dropout and residual/FFN dropout when ``train``.
     Returns ``(loss, {'loss', 'accuracy'})``.
     """
     tokens = batch["tokens"].astype(jnp.int32)  # [B, L]
     logits = model.apply(
-        {"params": params}, tokens, batch["labels"].astype(jnp.int32), train=train, rngs={"dropout": rng}
+        {"params": params}, tokens, batch["labels" if "labels" in batch else "label"].astype(jnp.int32),
+        train=train, rngs={"dropout": rng}
     )  # [B, L, V] float32
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens))
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32))
@@ -449,3 +452,27 @@ def sample_tokens_without_cache(
 
 
 sample_without_cache = jax.jit(sample_tokens_without_cache, static_argnames=("model", "config", "num_steps"))
+
+
+# ------------------------------------------------------------------ family adapter (trainers)
+
+_BUILD_KEYS = {f.name for f in dataclasses.fields(GPT)} - {"vocab_size", "num_classes", "grid", "parent", "name"}
+
+
+def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]) -> GPT:
+    """A :class:`GPT` from a config section (``config.generator`` as a dict; ``arch`` ignored)."""
+    kw = {k: v for k, v in cfg.items() if k != "arch"}
+    unknown = sorted(set(kw) - _BUILD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown GPT config keys {unknown}; valid keys are {sorted(_BUILD_KEYS)}.")
+    if isinstance(kw.get("dtype"), str):
+        kw["dtype"] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[kw["dtype"]]
+    if len(grid) != 2:
+        raise ValueError(f"the GPT models a 2D token grid, got grid {tuple(grid)}; use a 2D image tokenizer.")
+    return GPT(vocab_size=vocab_size, num_classes=num_classes, grid=tuple(int(g) for g in grid), **kw)
+
+
+def sampler_options(cfg: dict) -> SamplerConfig:
+    """:class:`SamplerConfig` from a ``config.sample`` section (keys it does not use are ignored)."""
+    names = {f.name for f in dataclasses.fields(SamplerConfig)}
+    return SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names})
