@@ -172,3 +172,99 @@ def test_cli_summary_and_config_typo():
                           capture_output=True, text=True, timeout=120)
     assert typo.returncode != 0
     assert "lrr" in typo.stderr
+
+
+# ------------------------------------------------------------------------------------ launch
+
+
+def _bash(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_tpu_vm_dry_run_prints_one_gcloud_command_for_all_workers():
+    import shlex
+
+    main_args = ["--config=configs/tokenizers/llamagen_vq16.py", "--workdir=gs://bucket/runs/vq16",
+                 "--config.data.data_dir=gs://bucket/tfds dir", "--mode=train_tokenizer"]
+    out = _bash("tpu_vm.sh", "--tpu=my-v5e-32", "--zone=us-west4-a", "--dry-run", "--", *main_args)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    words = shlex.split(lines[0])
+    assert words[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-v5e-32", "--zone=us-west4-a"]
+    assert "--worker=all" in words
+    remote = [w for w in words if w.startswith("--command=")]
+    assert len(remote) == 1
+    remote_words = shlex.split(remote[0][len("--command="):])
+    assert "VQGEN_DISTRIBUTED=1" in remote_words
+    i = remote_words.index("vqgen.main")
+    assert remote_words[i - 1:i] == ["-m"] and remote_words[i + 1:] == main_args  # quoting survives
+
+    setup = _bash("tpu_vm.sh", "--tpu=t", "--zone=z", "--setup", "--repo=https://example.org/vqgen.git", "--dry-run",
+                  "--", "--config=configs/quickstart.py", "--workdir=gs://b/q")
+    assert setup.returncode == 0, setup.stderr
+    first, second = setup.stdout.strip().splitlines()
+    assert "git clone" in first and "pip install" in first and "--worker=all" in first
+    assert "vqgen.main" in second
+
+    missing = _bash("tpu_vm.sh", "--dry-run", "--", "--config=x", env={"TPU_NAME": "", "ZONE": ""})
+    assert missing.returncode == 2 and "--tpu=NAME" in missing.stderr
+
+
+def test_slurm_and_xpk_dry_runs():
+    import shlex
+
+    out = _bash("slurm_gpu.sh", "--config=configs/generators/llamagen.py:L", "--workdir=/shared/runs/a b",
+                env={"VQGEN_DRY_RUN": "1", "VQGEN_DIR": "/shared/vqgen"})
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout.strip())
+    assert words[0] == "srun" and words[-2] == "-c"
+    inner = shlex.split(words[-1])
+    assert inner[:2] == ["cd", "/shared/vqgen"]
+    assert inner[-5:] == ["python", "-m", "vqgen.main", "--config=configs/generators/llamagen.py:L",
+                          "--workdir=/shared/runs/a b"]
+    xpk = _bash("gke_xpk.sh", "--cluster=c1", "--tpu-type=v5p-64", "--workload=w1", "--dry-run", "--",
+                "--config=configs/tokenizers/open_magvit2.py", "--workdir=gs://b/o")
+    assert xpk.returncode == 0, xpk.stderr
+    words = shlex.split(xpk.stdout.strip())
+    assert words[:3] == ["xpk", "workload", "create"] and "--tpu-type=v5p-64" in words
+    command = shlex.split([w for w in words if w.startswith("--command=")][0][len("--command="):])
+    assert "VQGEN_DISTRIBUTED=1" in command and command[-2:] == ["--config=configs/tokenizers/open_magvit2.py",
+                                                                  "--workdir=gs://b/o"]
+
+
+def _aot_module():
+    return _load_module("launch/aot_compile.py")
+
+
+def test_aot_topology_names():
+    """Slice names -> get_topology_desc arguments, as Cloud TPU (and MaxText's table) name them."""
+    aot = _aot_module()
+    assert aot.tpu_topology_kwargs("v5e-16") == dict(
+        topology_name="v5e:4x4", chip_config_name="default", chips_per_host_bounds=(2, 2, 1), wrap=(False, False, False))
+    assert aot.tpu_topology_kwargs("v5p-64")["topology_name"] == "v5:2x4x4"
+    assert aot.tpu_topology_kwargs("v5p-64")["chip_config_name"] == "megacore"
+    assert aot.tpu_topology_kwargs("v4-8")["topology_name"] == "v4:2x2x1"
+    assert aot.tpu_topology_kwargs("v5p-128")["wrap"] == (True, True, True)
+    assert aot.tpu_topology_kwargs("v5e-256")["wrap"] == (True, True, False)
+    with pytest.raises(ValueError, match="v5e-16"):
+        aot.tpu_topology_kwargs("v5e-12")
+    with pytest.raises(ValueError, match="cannot read"):
+        aot.tpu_topology_kwargs("tpu7-9")
+
+
+def test_aot_compile_tokenizer_step_on_a_2x4_cpu_mesh():
+    import jax
+
+    aot = _aot_module()
+    tiny = _load_module("tests/tiny_config.py").get_config()
+    tiny.tokenizer_train.disc.weight = 0.0  # the GAN half doubles the compile time and adds nothing here
+    report = aot.compile_step(tiny, "tokenizer", jax.devices()[:8], (2, 4, 1))
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["num_devices"] == 8
+    mem = report["memory_per_device"]
+    assert mem["argument_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] > 0
+    assert report["flops_per_device"] > 0
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny.tokenizer_train.batch_size = 12
+        aot.compile_step(tiny, "tokenizer", jax.devices()[:8], (2, 4, 1))
