@@ -45,9 +45,9 @@ TOKENIZER_FILTERS = {"B": 64, "L": 128}
 def _tokenizer(variant: str) -> ml_collections.ConfigDict:
     if variant == "moving_mnist":
         return ml_collections.ConfigDict(dict(
-            arch="magvit", ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(True, True),
+            arch="magvit", ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(True, True),
             causal=True, z_channels=32, embed_dim=32, use_quant_conv=False, num_frames=16, resolution=32,
-            norm_groups=8, dtype="float32",
+            norm_groups=4, dtype="float32",
             quantizer=ml_collections.ConfigDict(dict(type="vq", codebook_size=256, l2_normalize=True, beta=0.25)),
         ))
     return ml_collections.ConfigDict(dict(
@@ -69,23 +69,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "moving_mnist":
         c.data = ml_collections.ConfigDict(dict(
             source="moving_mnist", image_size=32, channels=1, data_dir="", random_crop=False,
-            random_flip=False, eval_examples=128, num_classes=10))
+            random_flip=False, eval_examples=32, num_classes=10))
         c.tokenizer_train = config_lib.tokenizer_train_config(
-            num_steps=500, batch_size=16, lr=2e-3, warmup_steps=30, b1=0.9, b2=0.99, ema_decay=0.98,
+            num_steps=100, batch_size=8, lr=3e-3, warmup_steps=10, b1=0.9, b2=0.99, ema_decay=0.98,
             l1_weight=1.0, l2_weight=0.0, log_every=50, save_every=250, image_every=0,
             disc=config_lib.disc_config(type="none", weight=0.0))
         c.generator = ml_collections.ConfigDict(dict(
-            arch="magvit", width=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.0, class_dropout_prob=0.1,
+            arch="magvit", width=128, depth=3, num_heads=4, mlp_dim=512, dropout=0.0, class_dropout_prob=0.1,
             label_smoothing=0.1, mask_schedule="cosine", dtype="float32",
             tasks=("class", "frame_prediction"), num_frames=16, cond_frames=4))
         c.generator_train = config_lib.generator_train_config(
-            num_steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01,
+            num_steps=300, batch_size=16, lr=2e-3, warmup_steps=30, schedule="cosine", weight_decay=0.01,
             b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.99, flip_augment=False, log_every=100,
-            save_every=400, keep=2, image_every=0)
+            save_every=150, keep=2, image_every=0)
         c.sample = config_lib.sample_config(
             per_class=2, batch_size=20, temperature=1.0, cfg_scale=1.0, num_steps=8, choice_temperature=4.5,
             task="frame_prediction", cond_frames=4)
-        c.video_eval = ml_collections.ConfigDict(dict(num_clips=64, batch_size=32))
+        c.video = ml_collections.ConfigDict(dict(eval_clips=32, eval_batch_size=16, cache_clips=600))
     else:
         depth, width, mlp, heads = TRANSFORMER[variant]
         c.seed = 42
@@ -109,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sample = config_lib.sample_config(
             per_class=10, batch_size=64, temperature=1.0, cfg_scale=1.0, num_steps=12, choice_temperature=4.5,
             task="class", cond_frames=1)
-        c.video_eval = ml_collections.ConfigDict(dict(num_clips=256, batch_size=16))
+        c.video = ml_collections.ConfigDict(dict(eval_clips=256, eval_batch_size=16, cache_clips=0))
     c.evaluate = config_lib.evaluate_config(judge=False)
     c.lock()
     return c
