@@ -73,7 +73,7 @@ def test_task_masks_match_condition_regions():
 @pytest.mark.parametrize("bad, match", [
     (dict(grid=(4, 4)), "video token grid"),
     (dict(tasks=("class", "teleport")), "unknown"),
-    (dict(num_frames=10), "multiple"),
+    (dict(num_frames=9), "multiple"),
     (dict(cond_frames=8), "cond_frames"),
     (dict(typo_key=1), "unknown magvit generator keys"),
 ])
