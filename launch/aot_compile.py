@@ -97,6 +97,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     return list(desc.devices)
 
 
+# The trainers guard their step with chex.assert_max_traces, whose counter is global to the
+# process; one AOT call lowers once, but a process may compile for several topologies.
+_MAX_TRACES = 1_000_000
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
     import jax
 
@@ -117,7 +122,7 @@ def _tokenizer_step(config, mesh):
         boxed = jax.eval_shape(trainer.init_state, key)
         shardings = parallel.logical_to_sharding(boxed, mesh, trainer.rules)
     state = _abstract(parallel.unbox(boxed), shardings)
-    step = trainer.compiled_step(shardings)
+    step = trainer.compiled_step(shardings, max_traces=_MAX_TRACES)
     batch_shape = tuple(trainer._dummy(int(config.tokenizer_train.batch_size)).shape)
     batch = {"image": jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=parallel.batch_sharding(mesh, len(batch_shape))),
              "label": jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32, sharding=parallel.batch_sharding(mesh, 1))}
@@ -170,7 +175,7 @@ def _generator_step(config, mesh):
         boxed = jax.eval_shape(trainer.init_state, key)
         shardings = parallel.logical_to_sharding(boxed, mesh, trainer.rules)
     state = _abstract(parallel.unbox(boxed), shardings)
-    step = trainer.compiled_step(shardings)
+    step = trainer.compiled_step(shardings, max_traces=_MAX_TRACES)
     b = int(gt.batch_size)
     seq = math_prod(grid)
     batch = {"tokens": jax.ShapeDtypeStruct((b, seq), jnp.int32, sharding=parallel.batch_sharding(mesh, 2)),
