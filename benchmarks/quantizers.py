@@ -4,7 +4,8 @@ Each quantizer runs ``train=True`` on ``z`` of shape ``[8, 16, 16, D]`` (2,048 t
 eight 256-pixel images through a 16x downsampling tokenizer). One jitted step computes
 ``q.loss + sum(quantized * g)`` (``g`` a fixed random cotangent, standing in for the decoder's
 gradient) and its gradient with respect to the quantizer's parameters and ``z``; tokens/s is
-``B*H*W / median step time``. The settings are the published ones where a paper fixes them:
+``B*H*W / median step time``; MFU is XLA's FLOP count of the step (``cost_analysis``) per second
+over the measured matmul peak. The settings are the published ones where a paper fixes them:
 
 - ``vq``: VectorQuantizer, 16,384 codes of dim 8, l2-normalised (LlamaGen VQ-16).
 - ``lfq``: LookupFreeQuantizer, D=18 (262,144 implicit codes), codebook entropy in 2 channel
@@ -94,6 +95,13 @@ def bench_one(name: str, grid: tuple[int, int, int] = (8, 16, 16), reps: int = 5
     }
 
 
+def _mfu(r: dict) -> float | None:
+    """XLA-counted FLOP/s of the step over the machine's measured matmul peak."""
+    if not r["xla_flops"]:
+        return None
+    return r["xla_flops"] / r["step_s"] / 1e9 / common.matmul_peak()["gflops"]
+
+
 def run(quick: bool = False) -> dict:
     """Every quantizer of :data:`SPECS` at ``[8, 16, 16, D]``; nothing is asserted."""
     reps = 3 if quick else 10
@@ -101,12 +109,13 @@ def run(quick: bool = False) -> dict:
     for name in SPECS:
         r = bench_one(name, reps=reps)
         print(json.dumps({k: r[k] for k in ("quantizer", "tokens_per_s", "step_s", "compile_s")}), flush=True)
+        r["mfu"] = _mfu(r)
         results.append(r)
         mem = r["compiled_memory_mib"]
         table.append(common.row(
             "quantizers", f"{name} fwd+bwd {r['z_shape']}", throughput=r["tokens_per_s"], unit="tokens/s",
             step_s=r["step_s"], peak_rss_mib=r["peak_rss_mib"], compiled_mib=mem["total"] if mem else None,
-            note=r["class"]))
+            mfu=r["mfu"], note=r["class"]))
     return {"benchmark": "quantizers", "quick": quick, "results": results, "table": table}
 
 

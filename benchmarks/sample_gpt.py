@@ -27,7 +27,11 @@ import json
 import os
 import platform
 import time
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flax.linen as nn
 import jax
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import common
 from vqgen.generators import gpt
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,36 +56,18 @@ def _best_time(fn, reps: int) -> float:
 
 
 def matmul_peak(n: int = 4096, reps: int = 3) -> dict:
-    """float32 ``n x n`` matmul throughput (jitted, best of ``reps``)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    t = _best_time(lambda: f(a, b).block_until_ready(), reps)
-    return {"n": n, "seconds": t, "gflops": 2 * n**3 / t / 1e9}
+    """float32 ``n x n`` matmul throughput (jitted, best of ``reps``); the harness's shared
+    measurement when run from ``benchmarks/run.py`` (:func:`benchmarks.common.matmul_peak`)."""
+    return common.matmul_peak(n, reps)
 
 
 def copy_bandwidth(mib: int = 256, reps: int = 5) -> dict:
-    """Streaming bandwidth over a float32 array of ``mib`` MiB.
+    """Streaming bandwidth over a float32 array of ``mib`` MiB (:func:`benchmarks.common.copy_bandwidth`).
 
     ``gb_per_s``: in-place ``x + 1`` with the input donated (bytes read + written per second; a
     fresh output buffer would mostly time page faults). ``read_gb_per_s``: ``sum(x)`` (read only).
     """
-    x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
-    nbytes = x.nbytes
-    inc = jax.jit(lambda v: v + 1.0, donate_argnums=0)
-    state = {"x": inc(x)}
-
-    def once():
-        state["x"] = inc(state["x"])
-        state["x"].block_until_ready()
-
-    once()
-    t = _best_time(once, reps)
-    total = jax.jit(jnp.sum)
-    total(state["x"]).block_until_ready()
-    t_read = _best_time(lambda: total(state["x"]).block_until_ready(), reps)
-    return {"mib": mib, "seconds": t, "gb_per_s": 2 * nbytes / t / 1e9, "read_gb_per_s": nbytes / t_read / 1e9}
+    return common.copy_bandwidth(mib, reps)
 
 
 def _param_stats(model: gpt.GPT) -> dict:
@@ -146,9 +133,8 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
     t0 = time.perf_counter()
     compiled = jstep.lower(params, opt_state, batch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    stats = common.compiled_stats(compiled)
+    xla_flops = stats["xla_flops"] if stats["xla_flops"] is not None else float("nan")
 
     state = {"p": params, "o": opt_state}
 
@@ -172,7 +158,28 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
         "achieved_gflops": model_flops / t / 1e9,
         "mfu": model_flops / t / 1e9 / peak_gflops,
         "xla_flops_utilisation": xla_flops / t / 1e9 / peak_gflops,
+        "compiled_memory_mib": stats["memory_mib"],
+        "peak_rss_mib": common.peak_rss_mib(),
     }
+
+
+def _table(sampling_rows: list[dict], train: dict) -> list[dict]:
+    """The harness's table rows (:func:`benchmarks.common.row`) of this benchmark's results."""
+    rss = common.peak_rss_mib()
+    rows = []
+    for r in sampling_rows:
+        cfg = f", CFG {r['cfg_scale']:g}" if "cfg_scale" in r else ""
+        rows.append(common.row(
+            "sample_gpt", f"GPT-B sample 256 tokens, batch {r['batch']}{cfg}", throughput=r["cache_tokens_per_s"],
+            unit="tokens/s", step_s=r["cache_seconds"] / r["batch"], peak_rss_mib=rss,
+            cache_speedup=r.get("cache_speedup"),
+            note=f"no cache {r['no_cache_tokens_per_s']:.1f} tokens/s" if "no_cache_tokens_per_s" in r else "KV cache"))
+    mem = train["compiled_memory_mib"]
+    rows.append(common.row(
+        "sample_gpt", f"GPT-B train step, batch {train['batch']} x {train['seq_len']}", throughput=train["tokens_per_s"],
+        unit="tokens/s", step_s=train["step_seconds"], peak_rss_mib=train["peak_rss_mib"],
+        compiled_mib=mem["total"] if mem else None, mfu=train["mfu"], note="AdamW, float32; MFU by 6N+12LDT"))
+    return rows
 
 
 def run(quick: bool = False) -> dict:
@@ -218,6 +225,7 @@ def run(quick: bool = False) -> dict:
         },
     }
     return {
+        "table": _table(sampling_rows, train),
         "benchmark": "sample_gpt",
         "quick": quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
