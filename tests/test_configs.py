@@ -48,21 +48,6 @@ def get_config(rel_path: str, variant: str | None):
     return _load_module(rel_path).get_config(variant)
 
 
-def _skip_unless_generator_family_ready(config) -> None:
-    """The generator families are written alongside these configs; name what is missing."""
-    if "generator" not in config:
-        return
-    from vqgen.train.generator import FAMILIES
-
-    arch = config.generator.arch
-    try:
-        family = importlib.import_module(FAMILIES[arch])
-    except ModuleNotFoundError as e:
-        pytest.skip(f"generator family {arch!r} is not importable yet ({e}).")
-    if not hasattr(family, "build"):
-        pytest.skip(f"{FAMILIES[arch]} has no build(cfg, vocab_size, num_classes, grid) adapter yet.")
-
-
 @functools.cache
 def summary(rel_path: str, variant: str | None) -> tuple[dict, tuple[str, ...]]:
     """``run.summary(config)`` in-process: (returned counts, printed lines)."""
@@ -93,18 +78,12 @@ def test_unknown_variant_is_a_clear_error():
         _load_module("configs/tokenizers/llamagen_vq16.py").get_config("B")
 
 
-# vqgen.train.generator.generator_param_count derives a 2D token grid from tokenizer.ch_mult, so
-# --mode=summary fails for video tokenizers; strict, so the mark goes once that is fixed.
-_SUMMARY_CASES = [
-    pytest.param(p, v, marks=pytest.mark.xfail(
-        raises=ValueError, strict=True, reason="generator_param_count assumes a 2D token grid (video tokenizer)"))
-    if p == "configs/generators/magvit.py" else (p, v) for p, v in CASES]
+_SUMMARY_CASES = CASES
 
 
 @pytest.mark.parametrize("rel_path,variant", _SUMMARY_CASES, ids=IDS)
 def test_summary_prints_counts_then_one_json_line(rel_path, variant):
     config = get_config(rel_path, variant)
-    _skip_unless_generator_family_ready(config)
     counts, lines = summary(rel_path, variant)
     assert json.loads(lines[-1]) == counts
     expected = {k for k, sec in (("tokenizer_params", "tokenizer"), ("generator_params", "generator")) if sec in config}
@@ -140,7 +119,6 @@ def test_llamagen_generator_keys_are_gpt_fields(variant):
 ])
 def test_parameter_counts_match_the_papers(rel_path, variant, key, published):
     config = get_config(rel_path, variant)
-    _skip_unless_generator_family_ready(config)
     counts, _ = summary(rel_path, variant)
     value = sum(counts.values()) if key == "total" else counts[key]
     assert abs(value / published - 1) < 0.02, (key, value, published)

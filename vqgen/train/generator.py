@@ -236,12 +236,23 @@ class GeneratorTrainer:
         return common.to_uint8(self.tokenizer.decode(toks)), toks
 
 
+def token_grid_from_config(config) -> tuple[int, ...]:
+    """Token-map shape of one example for the config's tokenizer (``jax.eval_shape``, no weights)."""
+    trainer = TokenizerTrainer(config, workdir="/nonexistent")
+    dummy = trainer._dummy()
+
+    def indices(rng):
+        rngs = {"params": rng, "dropout": rng, "codebook": rng, "quantizer": rng}
+        out, _ = trainer.model.init_with_output(rngs, dummy, method="encode")
+        return out.indices
+
+    return tuple(int(s) for s in jax.eval_shape(indices, jax.random.key(0)).shape[1:])
+
+
 def generator_param_count(config) -> int:
     family = family_module(config.generator.arch)
-    vocab = _vocab_from_config(config)
-    ds = 2 ** (len(config.tokenizer.ch_mult) - 1) if "tokenizer" in config else 16
-    grid = (config.data.image_size // ds, config.data.image_size // ds)
-    model = family.build(_plain(config.generator), vocab_size=vocab, num_classes=config.data.num_classes, grid=grid)
+    model = family.build(_plain(config.generator), vocab_size=_vocab_from_config(config),
+                         num_classes=config.data.num_classes, grid=token_grid_from_config(config))
     abstract = jax.eval_shape(lambda r: family.init_params(model, r), jax.random.key(0))
     return common.count_params(abstract)
 
@@ -316,7 +327,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
         judge = judge_lib.load_or_train_judge(os.path.join(workdir, "judge"), seed=config.seed)
         metrics.update(judge_lib.judge_metrics(judge, images, labels))
-        metrics["judge_test_accuracy"] = float(judge.test_accuracy)
+        metrics["judge_test_accuracy"] = float(judge.accuracy)
     if ec.inception_path and ec.reference_stats:
         from vqgen.evaluation import fid as fid_lib
 
