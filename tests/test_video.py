@@ -199,22 +199,22 @@ def test_configs_build():
 def _tiny_config():
     c = magvit_config.get_config("moving_mnist")
     c.unlock()
-    c.mesh_shape = (1, 1, 1)
     t = c.tokenizer
     t.ch, t.ch_mult, t.temporal_downsample, t.z_channels, t.embed_dim, t.norm_groups = 4, (1, 2), (True,), 8, 8, 2
     t.num_frames, t.quantizer.codebook_size = 4, 16
-    c.data.image_size, c.data.eval_examples = 8, 2
+    c.data.image_size, c.data.eval_examples = 16, 8
     c.generator.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32, num_frames=4, cond_frames=2))
     tt = c.tokenizer_train
-    tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.warmup_steps = 1, 2, 1, 1, 0
+    tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.warmup_steps = 1, 8, 1, 1, 0
     gt = c.generator_train
-    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 2, 4, 2, 1, 0
+    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 2, 8, 2, 1, 0
     c.sample.num_steps, c.sample.cond_frames = 2, 2
-    c.video.eval_clips, c.video.eval_batch_size, c.video.cache_clips = 3, 2, 8
+    c.video.eval_clips, c.video.eval_batch_size, c.video.cache_clips = 3, 8, 8
     c.lock()
     return c
 
 
+@pytest.mark.slow  # ~2.5 min on the shared 2-core CPU: five compiles (tokenizer step/eval, generator, sampler)
 def test_one_tokenizer_and_generator_step_then_frame_prediction_eval(tmp_path):
     from vqgen.data import tokens as token_data
     from vqgen.train import run as run_lib
@@ -225,13 +225,13 @@ def test_one_tokenizer_and_generator_step_then_frame_prediction_eval(tmp_path):
     tok = run_lib.train_tokenizer(config, workdir)
     assert tok["steps"] == 1 and np.isfinite(tok["psnr"])
     trainer = GeneratorTrainer(config, workdir)
-    assert trainer.grid == (2, 4, 4)
+    assert trainer.grid == (2, 8, 8)
     # A small token cache made by the real tokenizer (the full split would take minutes here).
     from vqgen import data as vdata
 
-    src = vdata.make_source("moving_mnist", "train", image_size=8, num_frames=4, seed=0)
+    src = vdata.make_source("moving_mnist", "train", image_size=16, num_frames=4, seed=0)
     arrays = vdata.eval_arrays(src, max_examples=8)
-    toks = trainer.tokenizer.encode(arrays["image"], 4).reshape(8, 1, -1)
+    toks = trainer.tokenizer.encode(arrays["image"], 8).reshape(8, 1, -1)
     token_data.write_token_cache(trainer.cache_path, toks, arrays["label"], trainer.grid, trainer.tokenizer.step)
     state = trainer.train()
     assert int(state.step) == 2
@@ -243,10 +243,10 @@ def test_one_tokenizer_and_generator_step_then_frame_prediction_eval(tmp_path):
     with open(os.path.join(workdir, "report.json")) as f:
         assert json.load(f)["video"]["psnr_prediction"] == metrics["psnr_prediction"]
     # the prediction keeps the condition: its given frames decode from the condition tokens
-    known, ctoks = video.condition_tokens(trainer, arrays["image"][:2], "frame_prediction", 2, 2)
-    assert known.shape == (2, 32) and known[:, :16].all() and not known[:, 16:].any()
+    known, ctoks = video.condition_tokens(trainer, arrays["image"][:2], "frame_prediction", 2, 8)
+    assert known.shape == (2, 128) and known[:, :64].all() and not known[:, 64:].any()
     with pytest.raises(ValueError, match="frames"):
-        video.condition_tokens(trainer, arrays["image"][:2, :3], "frame_prediction", 2, 2)
+        video.condition_tokens(trainer, arrays["image"][:2, :3], "frame_prediction", 2, 8)
 
 
 @pytest.mark.slow

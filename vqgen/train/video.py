@@ -33,13 +33,16 @@ from absl import logging
 from vqgen import parallel
 
 
+MAX_PSNR = 100.0  # dB; identical frames (a digit that does not move) would give +inf
+
+
 def _per_frame_psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """PSNR per frame ``[N, T]`` of clips ``[N, T, H, W, C]`` in [-1, 1]."""
+    """PSNR per frame ``[N, T]`` of clips ``[N, T, H, W, C]`` in [-1, 1], capped at :data:`MAX_PSNR`."""
     from vqgen.evaluation import metrics as em
 
     n, t = x.shape[:2]
     flat = lambda a: np.asarray(a, np.float32).reshape((n * t,) + a.shape[2:])  # noqa: E731
-    return np.asarray(em.psnr(flat(x), flat(y))).reshape(n, t)
+    return np.minimum(np.asarray(em.psnr(flat(x), flat(y))), MAX_PSNR).reshape(n, t)
 
 
 def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
