@@ -104,7 +104,7 @@ def _mfu(r: dict) -> float | None:
 
 def run(quick: bool = False) -> dict:
     """Every quantizer of :data:`SPECS` at ``[8, 16, 16, D]``; nothing is asserted."""
-    reps = 3 if quick else 10
+    reps = 2 if quick else 10
     results, table = [], []
     for name in SPECS:
         r = bench_one(name, reps=reps)

@@ -133,8 +133,8 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
     t0 = time.perf_counter()
     compiled = jstep.lower(params, opt_state, batch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
-    stats = common.compiled_stats(compiled)
-    xla_flops = stats["xla_flops"] if stats["xla_flops"] is not None else float("nan")
+    compiled_stats = common.compiled_stats(compiled)
+    xla_flops = compiled_stats["xla_flops"] if compiled_stats["xla_flops"] is not None else float("nan")
 
     state = {"p": params, "o": opt_state}
 
@@ -158,7 +158,7 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
         "achieved_gflops": model_flops / t / 1e9,
         "mfu": model_flops / t / 1e9 / peak_gflops,
         "xla_flops_utilisation": xla_flops / t / 1e9 / peak_gflops,
-        "compiled_memory_mib": stats["memory_mib"],
+        "compiled_memory_mib": compiled_stats["memory_mib"],
         "peak_rss_mib": common.peak_rss_mib(),
     }
 
