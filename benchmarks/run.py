@@ -91,6 +91,8 @@ def markdown(report: dict) -> str:
         f"- float32 matmul peak ({peak['n']}²): {peak['gflops']:.1f} GFLOP/s; copy bandwidth "
         f"{bw['gb_per_s']:.1f} GB/s (read {bw['read_gb_per_s']:.1f} GB/s)",
     ]
+    if report.get("only"):
+        lines.append(f"- this run measured only {', '.join(report['only'])}; the other rows come from an earlier run")
     if load:
         lines.append(f"- load average at start (1/5/15 min): {', '.join(f'{x:.2f}' for x in load)}")
     lines += [
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(result["error"], file=sys.stderr, flush=True)
     report = {"machine": machine, "quick": args.quick, "matmul_peak": peaks["matmul_peak"],
               "copy_bandwidth": peaks["copy_bandwidth"], "total_wall_s": time.perf_counter() - t_start,
-              "benchmarks": benchmarks}
+              "only": names if args.only else None, "benchmarks": benchmarks}
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     md_path.write_text(markdown(report))
