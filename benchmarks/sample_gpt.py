@@ -26,8 +26,8 @@ import functools
 import json
 import os
 import platform
-import time
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -101,6 +101,7 @@ def bench_sampling(model, params, batches, reps: int, no_cache_steps: int, cfg_b
         row["no_cache_steps_timed"] = no_cache_steps
         row["no_cache_tokens_per_s"] = b * no_cache_steps / t
         row["cache_speedup"] = row["cache_tokens_per_s"] / row["no_cache_tokens_per_s"]
+        row["peak_rss_mib"] = common.peak_rss_mib()
         out.append(row)
         print(json.dumps(row), flush=True)
     if cfg_batch:
@@ -108,7 +109,8 @@ def bench_sampling(model, params, batches, reps: int, no_cache_steps: int, cfg_b
         labels = jnp.arange(cfg_batch, dtype=jnp.int32) % model.num_classes
         gpt.sample(model, params, labels, jax.random.key(0), cfg).block_until_ready()
         t = _best_time(lambda: gpt.sample(model, params, labels, jax.random.key(1), cfg).block_until_ready(), reps)
-        row = {"batch": cfg_batch, "cfg_scale": 4.0, "cache_seconds": t, "cache_tokens_per_s": cfg_batch * n / t}
+        row = {"batch": cfg_batch, "cfg_scale": 4.0, "cache_seconds": t, "cache_tokens_per_s": cfg_batch * n / t,
+               "peak_rss_mib": common.peak_rss_mib()}
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -165,13 +167,12 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
 
 def _table(sampling_rows: list[dict], train: dict) -> list[dict]:
     """The harness's table rows (:func:`benchmarks.common.row`) of this benchmark's results."""
-    rss = common.peak_rss_mib()
     rows = []
     for r in sampling_rows:
         cfg = f", CFG {r['cfg_scale']:g}" if "cfg_scale" in r else ""
         rows.append(common.row(
             "sample_gpt", f"GPT-B sample 256 tokens, batch {r['batch']}{cfg}", throughput=r["cache_tokens_per_s"],
-            unit="tokens/s", step_s=r["cache_seconds"] / r["batch"], peak_rss_mib=rss,
+            unit="tokens/s", step_s=r["cache_seconds"] / r["batch"], peak_rss_mib=r["peak_rss_mib"],
             cache_speedup=r.get("cache_speedup"),
             note=f"no cache {r['no_cache_tokens_per_s']:.1f} tokens/s" if "no_cache_tokens_per_s" in r else "KV cache"))
     mem = train["compiled_memory_mib"]
