@@ -311,3 +311,22 @@ def test_task_errors():
         mt.task_condition("frame_prediction", jnp.zeros((1, 8, 16, 16, 1)), LATENT, padding="interpolate")
     with pytest.raises(ValueError, match="does not divide the clip length"):
         mt.task_condition("class", jnp.zeros((1, 8, 16, 16, 1)), (3, 4, 4))
+
+
+@pytest.mark.parametrize("kernel, strides, causal", [
+    (3, 1, False), (3, 1, True), ((3, 3, 3), (1, 2, 2), True), ((3, 3, 3), (2, 2, 2), True), (1, 1, False)])
+def test_conv3d_as_shifted_2d_convs_equals_a_3d_conv(kernel, strides, causal):
+    """The time-shifted 2D path (and the strided 3D path) compute flax's 3D ``nn.Conv``."""
+    x = _video(11, (2, 6, 6, 6, 3))
+    c3 = conv3d(5, kernel, strides=strides, causal=causal)
+    params, abstract = _params(c3, x)
+    assert abstract["kernel"].names == ("time", "height", "width", "conv_in", "conv_out")
+    ref = nn.Conv(5, c3.kernel_size, strides=c3.strides, padding=list(c3.padding))
+
+    @jax.jit
+    def run(p):
+        return c3.apply({"params": p}, x), ref.apply({"params": p}, x)
+
+    got, want = run(params)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)

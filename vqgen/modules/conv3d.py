@@ -74,6 +74,72 @@ def conv3d_padding(kernel_size: int | Sequence[int], strides: int | Sequence[int
     return pads
 
 
+class Conv3D(nn.Module):
+    """A 3D conv over ``[B, T, H, W, C]`` computed as one 2D conv over time-shifted frames.
+
+    Parameters are those of ``nn.Conv`` with a 3D window: ``kernel`` ``[kt, kh, kw, Cin, Cout]``
+    and ``bias`` ``[Cout]``. With temporal stride 1 the ``kt`` time-shifted copies of the (time
+    padded) input are stacked on the channel axis and convolved per frame with the kernel
+    reshaped to ``[kh, kw, kt * Cin, Cout]``: the same sum as the 3D conv, but XLA:CPU runs
+    2D convs several times faster than 3D ones (forward and backward; ~5x at the moving-MNIST
+    sizes). A temporal stride above 1 uses the 3D conv directly.
+
+    Attributes:
+      features: output channels.
+      kernel_size: ``(kt, kh, kw)``.
+      strides: ``(st, sh, sw)``.
+      padding: ``[(lo, hi)] * 3`` explicit zero padding (see :func:`conv3d_padding`).
+      use_bias: add ``bias``.
+      dtype, param_dtype: compute and storage dtypes.
+    """
+
+    features: int
+    kernel_size: tuple[int, int, int] = (3, 3, 3)
+    strides: tuple[int, int, int] = (1, 1, 1)
+    padding: Sequence[tuple[int, int]] = ((1, 1), (1, 1), (1, 1))
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 5:
+            raise ValueError(f"Conv3D expects [B, T, H, W, C] input, got shape {tuple(x.shape)}.")
+        kt, kh, kw = self.kernel_size
+        st, sh, sw = self.strides
+        cin = x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(flat_fan_in_init, VIDEO_DIMS + ("conv_in", "conv_out")),
+            (kt, kh, kw, cin, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)  # [kt, kh, kw, Cin, Cout]
+        (t_lo, t_hi), pad_h, pad_w = (tuple(p) for p in self.padding)
+        if st == 1:
+            b = x.shape[0]
+            xp = jnp.pad(x, ((0, 0), (t_lo, t_hi), (0, 0), (0, 0), (0, 0)))  # [B, T + pads, H, W, Cin]
+            t_out = xp.shape[1] - kt + 1
+            if kt == 1:
+                stacked = xp
+            else:
+                stacked = jnp.concatenate([xp[:, dt:dt + t_out] for dt in range(kt)], axis=-1)  # [B, T', H, W, kt*Cin]
+            frames = stacked.reshape((b * t_out,) + stacked.shape[2:])  # [B*T', H, W, kt*Cin]
+            k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * cin, self.features)
+            y = jax.lax.conv_general_dilated(
+                frames, k2, (sh, sw), [pad_h, pad_w],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [B*T', H', W', Cout]
+            y = y.reshape((b, t_out) + y.shape[1:])  # [B, T', H', W', Cout]
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (st, sh, sw), [(t_lo, t_hi), pad_h, pad_w],
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # [B, T', H', W', Cout]
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                              (self.features,), self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
 def conv3d(
     features: int,
     kernel_size: int | Sequence[int] = 3,
@@ -84,23 +150,21 @@ def conv3d(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.Conv:
+) -> Conv3D:
     """A 3D conv over ``[B, T, H, W, C]`` with causal (past-only) or centred padding in time.
 
     The parameters sit directly under ``name`` (``kernel`` ``[kt, kh, kw, Cin, Cout]``,
     ``bias``), like the 2D convs of :mod:`vqgen.modules.conv`, so 2D weights map onto them by
-    name (see :func:`vqgen.tokenizers.magvit.inflate_2d_params`).
+    name (see :func:`vqgen.tokenizers.magvit.inflate_2d_params`). See :class:`Conv3D`.
     """
-    return nn.Conv(
+    return Conv3D(
         features,
         _triple(kernel_size),
         strides=_triple(strides),
-        padding=conv3d_padding(kernel_size, strides, causal),
+        padding=tuple(conv3d_padding(kernel_size, strides, causal)),
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(flat_fan_in_init, VIDEO_DIMS + ("conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,
     )
 
