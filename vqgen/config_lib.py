@@ -46,7 +46,7 @@ def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
                  class_dropout_prob=0.1, token_dropout_prob=0.0, resid_dropout_prob=0.0,
                  ffn_dropout_prob=0.0, attn_dropout_prob=0.0, qk_norm=False, dtype="float32")
     elif arch == "maskgit":
-        d = dict(arch="maskgit", width=256, depth=4, num_heads=4, mlp_dim=1024, dropout=0.0,
+        d = dict(arch="maskgit", width=192, depth=4, num_heads=4, mlp_dim=768, dropout=0.0,
                  class_dropout_prob=0.1, label_smoothing=0.1, mask_schedule="cosine", dtype="float32")
     else:
         raise ValueError(f"unknown generator arch {arch!r}; use 'gpt' or 'maskgit'.")
