@@ -331,8 +331,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
     if ec.inception_path and ec.reference_stats:
         from vqgen.evaluation import fid as fid_lib
 
-        metrics.update(fid_lib.compute_metrics(images, ec.reference_stats, inception_path=ec.inception_path,
-                                               batch_size=ec.batch_size))
+        metrics.update(fid_lib.evaluate_files(path, ec.reference_stats, inception_path=ec.inception_path,
+                                              batch_size=ec.batch_size))
     update_report(workdir, "samples", metrics)
     print(json.dumps({"samples": metrics}), flush=True)
     return metrics
