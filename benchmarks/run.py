@@ -43,7 +43,8 @@ NOT_BENCHMARKS = {"run", "common", "__init__"}
 def discover(directory: Path = HERE) -> list[str]:
     """Benchmark module names in ``directory``: the known ones in :data:`ORDER`, then any other
     ``*.py`` (not ``run``, ``common`` or private), alphabetically."""
-    present = sorted(p.stem for p in directory.glob("*.py") if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("_"))
+    present = sorted(p.stem for p in directory.glob("*.py")
+                     if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("_"))
     return [n for n in ORDER if n in present] + [n for n in present if n not in ORDER]
 
 
@@ -53,7 +54,8 @@ def run_module(name: str, quick: bool) -> dict:
 
     module = importlib.import_module(f"benchmarks.{name}")
     if not hasattr(module, "run"):
-        raise ValueError(f"benchmarks/{name}.py has no run(quick) function; add one or move the file out of benchmarks/.")
+        raise ValueError(
+            f"benchmarks/{name}.py has no run(quick) function; add one or move the file out of benchmarks/.")
     t0 = time.perf_counter()
     result = module.run(quick)
     result["wall_s"] = time.perf_counter() - t0
@@ -86,7 +88,8 @@ def markdown(report: dict) -> str:
         f"# Benchmarks on `{m['name']}`{' (quick)' if report['quick'] else ''}",
         "",
         f"- date: {m['date']}; total wall time {report['total_wall_s']:.0f} s",
-        f"- devices: {m['device_count']} x {m['device_kind']} ({m['backend']}), {m['cpu_count']} CPUs, {m['processor']}",
+        f"- devices: {m['device_count']} x {m['device_kind']} ({m['backend']}), "
+        f"{m['cpu_count']} CPUs, {m['processor']}",
         f"- jax {m['jax']}, python {m['python']}, {m['platform']}",
         f"- float32 matmul peak ({peak['n']}²): {peak['gflops']:.1f} GFLOP/s; copy bandwidth "
         f"{bw['gb_per_s']:.1f} GB/s (read {bw['read_gb_per_s']:.1f} GB/s)",
@@ -97,7 +100,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- load average at start (1/5/15 min): {', '.join(f'{x:.2f}' for x in load)}")
     lines += [
         "",
-        "| benchmark | case | throughput | step / image (s) | peak RSS (MiB) | XLA memory (MiB) | MFU | KV-cache speed-up | note |",
+        "| benchmark | case | throughput | step / image (s) | peak RSS (MiB) | XLA memory (MiB) | MFU "
+        "| KV-cache speed-up | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, res in report["benchmarks"].items():
@@ -135,7 +139,8 @@ def _measure_peaks(quick: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Runs every benchmark in benchmarks/ and writes JSON + Markdown.")
-    parser.add_argument("--quick", action="store_true", help="the reduced setting (under 10 minutes on a 2-core CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the reduced setting (under 10 minutes on a 2-core CPU)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--machine", help="name of the result files (default: the host name, sanitised)")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the JSON and Markdown go")

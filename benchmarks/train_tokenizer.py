@@ -59,7 +59,8 @@ def bench_config(config, *, name: str, reps: int, warmup: int = 1, images: np.nd
 
     ``warmup`` untimed steps run before ``reps`` timed ones (the step is compiled ahead of time,
     so ``warmup=0`` still times no compilation). ``images`` (float32 ``[B, H, W, C]`` in
-    [-1, 1]) defaults to a random batch of the config's batch size and image size. Returns the measurements as a dict.
+    [-1, 1]) defaults to a random batch of the config's batch size and image size. Returns the
+    measurements as a dict.
     """
     tc = config.tokenizer_train
     chex.clear_trace_counter()  # the step's max-traces guard counts across trainers
