@@ -55,7 +55,7 @@ def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
 
 
 def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
-    d = dict(num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
+    d = dict(num_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
              weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0, ema_decay=0.999, flip_augment=False,
              log_every=50, save_every=500, keep=2, image_every=0)
     d.update(kw)
