@@ -14,6 +14,7 @@ import pytest
 from vqgen.generators import magvit_tasks as mt
 from vqgen.modules.conv import conv
 from vqgen.modules.conv3d import ResBlock3D, conv3d
+from vqgen.quantizers.fsq import FiniteScalarQuantizer
 from vqgen.quantizers.vq import VectorQuantizer
 from vqgen.tokenizers import magvit
 from vqgen.tokenizers.vqgan import VQGAN
@@ -51,7 +52,9 @@ def _tiny(**overrides):
 # ------------------------------------------------------------------------------ tokenizer
 
 def test_moving_mnist_variant_shapes_decode_indices_and_jit():
-    model = magvit.build("moving_mnist", VectorQuantizer(codebook_size=256, l2_normalize=True))
+    qname, qkw = magvit.QUANTIZERS["moving_mnist"]
+    assert qname == "FiniteScalarQuantizer"
+    model = magvit.build("moving_mnist", FiniteScalarQuantizer(**qkw))
     x = _video(0, (2, 16, 32, 32, 1))
     params, abstract = _params(model, x)
 
@@ -64,7 +67,7 @@ def test_moving_mnist_variant_shapes_decode_indices_and_jit():
     assert x_rec.shape == x.shape and x_rec.dtype == jnp.float32
     assert out.indices.shape == (2, 4, 8, 8) and out.indices.dtype == jnp.int32
     assert model.token_shape() == (4, 8, 8)
-    assert out.quantized.shape == (2, 4, 8, 8, 32)
+    assert out.quantized.shape == (2, 4, 8, 8, 4)  # 1x1x1 quant_conv to the 4 FSQ channels
     # x_rec = decode(encode(x).quantized); the straight-through quantized equals the codes.
     np.testing.assert_allclose(from_idx, x_rec, atol=1e-4)
     assert bool(jnp.all(jnp.isfinite(x_rec))) and float(jnp.std(x_rec)) > 0

@@ -353,9 +353,10 @@ def count_params(module: nn.Module, num_frames: int, size: int, channels: int) -
 
 # Architecture kwargs of each variant; the quantizer is configured separately (QUANTIZERS).
 VARIANTS: dict[str, dict[str, Any]] = {
-    # Tiny CPU model for moving MNIST: 16x32x32x1 -> 4x8x8 tokens, widths 16/32/64.
+    # Tiny causal CPU model for moving MNIST: 16x32x32x1 -> 4x8x8 tokens, widths 16/32/64, 1x1x1
+    # convs to the 4 FSQ channels (configs/generators/magvit.py:moving_mnist).
     "moving_mnist": dict(in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(True, True),
-                         causal=False, z_channels=32, embed_dim=32, use_quant_conv=False, num_frames=16,
+                         causal=True, z_channels=32, embed_dim=4, use_quant_conv=True, num_frames=16,
                          resolution=32, norm_groups=8),
     # MAGVIT-B 3D-VQ (google-research/magvit configs/vqgan3d_ucf101_config.py, version 'B'):
     # filters 64, channel_multipliers (1, 2, 2, 4), 2 encoder / 2 decoder res blocks,
@@ -372,7 +373,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # The quantizer of each variant: (class name in vqgen.quantizers, kwargs). MAGVIT's 3D-VQ uses
 # 1024 codes, commitment 0.25 and an entropy loss of weight 0.1 at temperature 0.01.
 QUANTIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "moving_mnist": ("VectorQuantizer", dict(codebook_size=256, l2_normalize=True, beta=0.25)),
+    # FSQ: a learned 256-code VQ collapsed on moving MNIST within the CPU budget (see the config).
+    "moving_mnist": ("FiniteScalarQuantizer", dict(levels=(8, 5, 5, 5))),
     "B": ("VectorQuantizer", dict(codebook_size=1024, beta=0.25, entropy_loss_weight=0.1, entropy_temperature=0.01)),
     "L": ("VectorQuantizer", dict(codebook_size=1024, beta=0.25, entropy_loss_weight=0.1, entropy_temperature=0.01)),
 }
