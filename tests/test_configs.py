@@ -124,6 +124,18 @@ def test_parameter_counts_match_the_papers(rel_path, variant, key, published):
     assert abs(value / published - 1) < 0.02, (key, value, published)
 
 
+@pytest.mark.parametrize("generator,variant,tokenizer", [
+    ("configs/generators/maskgit.py", "paper", "configs/tokenizers/maskgit_vqgan.py"),
+    ("configs/generators/maskgit.py", "cfg", "configs/tokenizers/maskgit_vqgan.py"),
+    ("configs/generators/llamagen.py", "B", "configs/tokenizers/llamagen_vq16.py"),
+])
+def test_generator_configs_accept_their_tokenizer_configs_checkpoints(generator, variant, tokenizer):
+    """The checkpoint fingerprint covers these sections: they must be the tokenizer config's."""
+    g, t = get_config(generator, variant), get_config(tokenizer, None)
+    for section in ("data", "tokenizer", "tokenizer_train"):
+        assert g[section].to_dict() == t[section].to_dict(), section
+
+
 def test_tokenizer_configs_match_the_official_quantizers():
     """The three tokenizer configs build the tokenizer variants of vqgen/tokenizers/vqgan.py."""
     from vqgen.tokenizers import vqgan

@@ -29,6 +29,9 @@ without it the term is off, with a warning). The generator's optimiser is
 ``maskgit_class_cond_config.py``'s: lr 1e-4, b1 0.9, b2 0.96, weight decay 0.045, 5000 warmup
 steps, batch 256, 2M steps.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from vqgen import config_lib
@@ -36,30 +39,23 @@ from vqgen import config_lib
 VARIANTS = ("paper", "cfg")
 
 
+def _tokenizer_config() -> ml_collections.ConfigDict:
+    """``configs/tokenizers/maskgit_vqgan.py``'s config, so a tokenizer trained by it is accepted here."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizers", "maskgit_vqgan.py")
+    spec = importlib.util.spec_from_file_location("_vqgen_config_maskgit_vqgan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "paper"
     if variant not in VARIANTS:
         raise ValueError(f"unknown MaskGIT variant {variant!r}; use one of {VARIANTS}.")
     use_cfg = variant == "cfg"
-    c = config_lib.base_config()
-    c.seed = 42
+    c = _tokenizer_config()  # seed, mesh, data, tokenizer and its training: one source of truth
+    c.unlock()
     c.mode = "all"
-    c.data = ml_collections.ConfigDict(dict(
-        source="tfds:imagenet2012", image_size=256, channels=3, data_dir="", random_crop=True,
-        random_flip=True, eval_examples=50_000, num_classes=1000))
-    c.tokenizer = ml_collections.ConfigDict(dict(
-        arch="vqgan", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(),
-        resolution=256, z_channels=256, embed_dim=256, dropout=0.0, style="maskgit",
-        use_quant_conv=False, dtype="float32",
-        quantizer=ml_collections.ConfigDict(dict(
-            type="vq", codebook_size=1024, beta=0.25, entropy_loss_weight=0.1, entropy_temperature=0.01)),
-    ))
-    c.tokenizer_train = config_lib.tokenizer_train_config(
-        num_steps=1_000_000, batch_size=256, lr=1e-4, warmup_steps=0, schedule="constant", b1=0.0, b2=0.99,
-        grad_clip=0.0, ema_decay=0.999, l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.1,
-        log_every=100, save_every=10_000, keep=3, image_every=10_000,
-        disc=config_lib.disc_config(type="stylegan", ch=128, ch_mult=(2, 4, 4, 4, 4), weight=0.1,
-                                    loss="non_saturating", adaptive_weight=False, r1_weight=10.0, lr=1e-4))
     c.generator = config_lib.generator_config(
         "maskgit", width=768, depth=24, num_heads=16, mlp_dim=3072, dropout=0.1,
         class_dropout_prob=0.1 if use_cfg else 0.0, label_smoothing=0.1, mask_schedule="cosine",
