@@ -319,20 +319,9 @@ class SamplerConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} is outside [0, 1]; use 1.0 to turn nucleus sampling off, 0.0 for greedy.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} is negative; use 0 to turn top-k off or a positive count.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} is negative; use a value > 0, or 0 for greedy.")
-        if self.cfg_schedule not in sampling.CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule={self.cfg_schedule!r} is unknown; use one of {sampling.CFG_SCHEDULES}.")
-        interval = tuple(float(x) for x in self.cfg_interval)
-        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-            raise ValueError(
-                f"cfg_interval={self.cfg_interval} must be (start, end) with 0 <= start <= end <= 1; "
-                "use (0.0, 1.0) to guide every token."
-            )
+        interval = sampling.check_options(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            cfg_schedule=self.cfg_schedule, cfg_interval=self.cfg_interval, unit="token")
         object.__setattr__(self, "cfg_interval", interval)
 
     @property

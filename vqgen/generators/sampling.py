@@ -10,6 +10,30 @@ import jax.numpy as jnp
 CFG_SCHEDULES = ("constant", "linear")
 
 
+def check_options(*, temperature: float, top_k: int, top_p: float, cfg_schedule: str,
+                  cfg_interval, unit: str = "token") -> tuple[float, float]:
+    """Validates the sampling options every sampler shares; returns ``cfg_interval`` as floats.
+
+    Each bad value raises one ``ValueError`` sentence naming it and the fix; ``unit`` names what
+    the interval fractions count ("token" for raster AR, "step" for parallel decoding).
+    """
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} is outside [0, 1]; use 1.0 to turn nucleus sampling off, 0.0 for greedy.")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} is negative; use 0 to turn top-k off or a positive count.")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative; use a value > 0, or 0 for greedy.")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r} is unknown; use one of {CFG_SCHEDULES}.")
+    interval = tuple(float(x) for x in cfg_interval)
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(
+            f"cfg_interval={cfg_interval} must be (start, end) with 0 <= start <= end <= 1; "
+            f"use (0.0, 1.0) to guide every {unit}."
+        )
+    return interval
+
+
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keeps the ``k`` largest logits of the last axis (ties with the k-th kept), others -> -inf.
 
