@@ -125,20 +125,26 @@ class GeneratorTrainer:
         return tuple(int(s) for s in shape[1:])
 
     # ------------------------------------------------------------------------ tokens
-    def build_token_cache(self) -> str:
-        """Encodes the training split once (and its mirror with ``flip_augment``); cached."""
+    def build_token_cache(self, max_examples: int | None = None) -> str:
+        """Encodes the training split once (and its mirror with ``flip_augment``); cached.
+
+        ``max_examples`` encodes only the first examples of the split (e.g. a few hundred video
+        clips, where the whole split takes many CPU minutes through a 3D tokenizer). A cache made
+        from the same tokenizer step is reused as is, whatever its size.
+        """
         if token_data.cache_tokenizer_step(self.cache_path) == self.tokenizer.step:
             return self.cache_path
         from vqgen import data as vdata
 
         dc = self.config.data
+        num_frames = getattr(self.tokenizer.model, "num_frames", None) or 16
         source = vdata.make_source(dc.source, "train", image_size=dc.image_size,
-                                   data_dir=dc.data_dir or None, seed=self.config.seed)
-        arrays = vdata.eval_arrays(source)
+                                   data_dir=dc.data_dir or None, num_frames=int(num_frames), seed=self.config.seed)
+        arrays = vdata.eval_arrays(source, max_examples=max_examples or None)
         t0 = time.perf_counter()
         views = [arrays["image"]]
         if self.config.generator_train.flip_augment:
-            views.append(arrays["image"][:, :, ::-1])
+            views.append(arrays["image"][..., ::-1, :])  # mirror the width axis (images and video)
         bs = self.config.generator_train.batch_size
         tokens = np.stack([self.tokenizer.encode(v, bs).reshape(len(v), -1) for v in views], axis=1)
         if parallel.is_main_process():

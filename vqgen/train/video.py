@@ -104,31 +104,6 @@ def predict_clips(trainer, params: Any, clips: np.ndarray, labels: np.ndarray, *
     return video, tokens
 
 
-def build_token_cache(trainer, max_clips: int | None) -> str:
-    """Writes the generator's token cache from the first ``max_clips`` training clips.
-
-    :meth:`GeneratorTrainer.build_token_cache` encodes the whole split (4,500 moving-MNIST clips:
-    many CPU minutes through a 3D tokenizer); a cache written here for the same tokenizer step is
-    reused by it as is. ``max_clips`` None or 0 leaves the cache to the trainer.
-    """
-    from vqgen import data as vdata
-    from vqgen.data import tokens as token_data
-
-    if not max_clips or token_data.cache_tokenizer_step(trainer.cache_path) == trainer.tokenizer.step:
-        return trainer.cache_path
-    dc = trainer.config.data
-    source = vdata.make_source(dc.source, "train", image_size=dc.image_size, data_dir=dc.data_dir or None,
-                               num_frames=int(trainer.tokenizer.model.num_frames), seed=trainer.config.seed)
-    arrays = vdata.eval_arrays(source, max_examples=int(max_clips))
-    t0 = time.perf_counter()
-    tokens = trainer.tokenizer.encode(arrays["image"], trainer.config.generator_train.batch_size)  # [N, t, h, w]
-    if parallel.is_main_process():
-        token_data.write_token_cache(trainer.cache_path, tokens.reshape(len(tokens), 1, -1), arrays["label"],
-                                     trainer.grid, trainer.tokenizer.step)
-    logging.info("tokenised %d clips in %.1fs -> %s", len(tokens), time.perf_counter() - t0, trainer.cache_path)
-    return trainer.cache_path
-
-
 def evaluate_frame_prediction(config, workdir: str, num_clips: int | None = None, trainer=None) -> dict:
     """PSNR of frame prediction from the first ``config.sample.cond_frames`` frames on held-out
     clips vs the copy-last-frame and black-frame baselines and the tokenizer's reconstruction.
@@ -224,7 +199,7 @@ def run(config, workdir: str, mode: str = "all") -> dict:
                 out["tokenizer"] = run_lib.train_tokenizer(config, workdir)
             elif phase == "train_generator":
                 trainer = GeneratorTrainer(config, workdir)
-                build_token_cache(trainer, config.video.cache_clips if "video" in config else None)
+                trainer.build_token_cache(config.video.cache_clips if "video" in config else None)
                 state = trainer.train()
                 out["generator"] = {"steps": int(jax.device_get(state.step)), "params": common.count_params(state.params)}
                 run_lib.update_report(workdir, "generator", out["generator"])
