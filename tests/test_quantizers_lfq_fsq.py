@@ -46,6 +46,40 @@ def np_lfq_indices(z):
     return np.asarray(ids).reshape(z.shape[:-1])
 
 
+def np_lfq_indices_lsb(z):
+    """Open-MAGVIT2 order: channel d has weight 2**d."""
+    z = np.asarray(z, np.float64)
+    ids = np.zeros(z.shape[:-1], np.int64)
+    for d in range(z.shape[-1]):
+        ids += np.where(z[..., d] > 0, 2**d, 0)
+    return ids
+
+
+def np_official_lfq_entropies(z, tau, eps, groups=1):
+    """Official Open-MAGVIT2 entropy terms over all 2**D codes +-1, in float64.
+
+    ``logits = 2 z . c``; ``p = softmax(logits / tau)``; per-sample ``-sum p log_softmax(logits / tau
+    + eps)``; codebook ``-sum pbar log(pbar + eps)``. With ``groups > 1`` the codebook term is
+    the sum of that smoothed entropy over each contiguous channel group's marginal.
+    """
+    z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
+    dim = z.shape[-1]
+    codes = np_lfq_codes(dim)  # any numbering: the entropies do not depend on it
+    x = 2.0 * z @ codes.T / tau + eps  # [T, 2**D]
+    log_p = x - x.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    per_sample = np.mean(-np.sum(p * log_p, axis=1))
+    p_bits = p.reshape((-1,) + (2,) * dim)  # bit axes, channel 0 first
+    k = dim // groups
+    codebook = 0.0
+    for g in range(groups):
+        others = tuple(1 + i for i in range(dim) if not g * k <= i < (g + 1) * k)
+        avg = p_bits.sum(axis=others).reshape(p.shape[0], 2**k).mean(axis=0)
+        codebook += -np.sum(avg * np.log(avg + eps))
+    return per_sample, codebook
+
+
 def np_fsq_bound(z, levels, eps=1e-3):
     levels = np.asarray(levels, np.float64)
     half_l = (levels - 1) * (1 - eps) / 2
@@ -154,6 +188,50 @@ def test_lfq_indices_follow_bit_order():
     np.testing.assert_array_equal(np.asarray(decode(q, jnp.arange(2**7))), np_lfq_codes(7))
 
 
+@pytest.mark.parametrize("bit_order", ["msb", "lsb"])
+def test_lfq_bit_order_indices_and_decode(bit_order):
+    dim = 7
+    q = LookupFreeQuantizer(dim=dim, bit_order=bit_order)
+    z = jax.random.normal(jax.random.key(15), (4, 9, dim))
+    out = apply(q, z)
+    want = np_lfq_indices(z) if bit_order == "msb" else np_lfq_indices_lsb(z)
+    np.testing.assert_array_equal(np.asarray(out.indices), want)
+    np.testing.assert_array_equal(np.asarray(decode(q, out.indices)), np.asarray(out.quantized))
+    # Code id c has channel d set iff bit d of c is set ('lsb'), or bit dim-1-d ('msb').
+    codes = np.asarray(decode(q, jnp.arange(2**dim)))
+    ids = np.arange(2**dim)[:, None]
+    shifts = np.arange(dim) if bit_order == "lsb" else np.arange(dim)[::-1]
+    np.testing.assert_array_equal(codes, np.where((ids >> shifts) & 1, 1.0, -1.0))
+    if bit_order == "lsb":
+        assert int(apply(q, jnp.asarray([[1.0] + [-1.0] * (dim - 1)])).indices[0]) == 1
+
+
+@pytest.mark.parametrize(
+    "dim,groups,eps,bit_order",
+    [(1, 1, 1e-5, "msb"), (4, 1, 1e-5, "lsb"), (6, 1, 1e-5, "msb"), (6, 1, 1e-2, "lsb"), (6, 2, 1e-3, "lsb"),
+     (6, 1, 0.0, "msb")],
+)
+def test_lfq_entropy_eps_matches_official_formula(dim, groups, eps, bit_order):
+    tau, gamma, we, wc = 0.5, 0.7, 0.1, 0.25
+    z = jax.random.normal(jax.random.key(20 + dim), (3, 9, dim)) * 0.8
+    q = LookupFreeQuantizer(
+        dim=dim, num_groups=groups, entropy_temperature=tau, codebook_entropy_weight=gamma,
+        entropy_loss_weight=we, commitment_weight=wc, entropy_eps=eps, bit_order=bit_order,
+    )
+    out = apply(q, z)
+    ps, cb = np_official_lfq_entropies(z, tau, eps, groups)
+    np.testing.assert_allclose(out.metrics["per_sample_entropy"], ps, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(out.metrics["codebook_entropy"], cb, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(out.metrics["entropy_loss"], ps - gamma * cb, rtol=2e-5, atol=1e-6)
+    commit = np.mean((np.asarray(z, np.float64) - np.where(np.asarray(z) > 0, 1.0, -1.0)) ** 2)
+    np.testing.assert_allclose(out.loss, we * (ps - gamma * cb) + wc * commit, rtol=2e-5, atol=1e-6)
+    _, exact_cb = np_official_lfq_entropies(z, tau, 0.0, groups)
+    if eps == 0:
+        np.testing.assert_allclose(out.metrics["codebook_entropy"], exact_cb, rtol=2e-5)
+    elif dim > 1:  # the smoothing is visible above the tolerance, so the test tells them apart
+        assert abs(cb - exact_cb) > 2 * (2e-5 * cb + 1e-6)
+
+
 @pytest.mark.parametrize(
     "dim,tau,scale,zscale",
     [(1, 1.0, 1.0, 1.0), (6, 1.0, 1.0, 0.7), (6, 0.05, 0.5, 0.1), (4, 0.01, 1.0, 1.0)],
@@ -257,6 +335,10 @@ def test_lfq_bad_config_raises():
         apply(LookupFreeQuantizer(dim=31), jnp.zeros((2, 31)))
     with pytest.raises(ValueError, match="int32"):
         apply(LookupFreeQuantizer(dim=32, num_groups=2), jnp.zeros((2, 32)))
+    with pytest.raises(ValueError, match="bit_order"):
+        apply(LookupFreeQuantizer(dim=6, bit_order="little"), z)
+    with pytest.raises(ValueError, match="entropy_eps"):
+        apply(LookupFreeQuantizer(dim=6, entropy_eps=-1e-5), z)
 
 
 # ---------------------------------------------------------------- FSQ

@@ -2,8 +2,11 @@
 
 Each of the ``D`` channels of ``z`` is quantized to its sign, so the codebook is the implicit set
 of the ``2**D`` corners of the hypercube ``{-s, +s}^D`` (``s = codebook_scale``, 1 by default).
-Channel ``i`` carries bit weight ``2**(D-1-i)`` in the code id (channel 0 is the most
-significant bit).
+The bit order of the code id is a field: with ``bit_order='msb'`` (the default) channel ``i``
+carries bit weight ``2**(D-1-i)`` (channel 0 is the most significant bit); with
+``bit_order='lsb'`` channel ``i`` carries ``2**i``, as in Open-MAGVIT2 (TencentARC/SEED-Voken),
+so its code ids can be used unchanged. ``indices`` and ``decode_indices`` follow it; the entropy
+terms do not depend on how codes are numbered.
 
 Entropy terms. With ``p(c|z) = softmax_c(-||z - c||^2 / tau)`` over the ``2**D`` codes:
 
@@ -21,6 +24,12 @@ Entropy terms. With ``p(c|z) = softmax_c(-||z - c||^2 / tau)`` over the ``2**D``
   entropies** (the channel-group factorisation of MAGVIT-v2 / Open-MAGVIT2). That sum is an upper
   bound of the exact joint entropy and equals it when the groups are independent under the
   token average.
+
+With ``entropy_eps > 0`` every codebook entropy above becomes the smoothed
+``-sum_c pbar(c) log(pbar(c) + entropy_eps)``, the official Open-MAGVIT2 / IBQ form (``eps = 1e-5``
+there; with ``num_groups > 1`` it is applied to each group's entropy). The per-sample term stays
+exact: the official code adds ``eps`` to the logits before ``log_softmax``, a constant shift that
+changes nothing. ``entropy_eps = 0`` (the default) is the exact entropy.
 
 ``entropy_loss = per_sample_entropy - codebook_entropy_weight * codebook_entropy`` and
 ``loss = entropy_loss_weight * entropy_loss + commitment_weight * mean((z - sg(q))^2)``.
@@ -40,18 +49,45 @@ from vqgen.quantizers.base import QuantizerOutput, entropy, straight_through, us
 _MAX_HISTOGRAM_CODES = 1 << 20
 _MAX_GROUP_BITS = 30
 _MAX_INDEX_BITS = 31  # indices are int32
+BIT_ORDERS = ("msb", "lsb")
 
 
-def bit_weights(num_bits: int) -> jax.Array:
-    """``[num_bits]`` int32 weights ``2**(num_bits-1-i)``: channel 0 is the most significant bit."""
-    return jnp.left_shift(1, jnp.arange(num_bits - 1, -1, -1, dtype=jnp.int32))  # [num_bits]
+def bit_shifts(num_bits: int, bit_order: str = "msb") -> jax.Array:
+    """``[num_bits]`` int32 bit position of each channel in a code id.
+
+    ``'msb'``: channel ``i`` is bit ``num_bits-1-i`` (channel 0 most significant);
+    ``'lsb'``: channel ``i`` is bit ``i`` (channel 0 least significant, as in Open-MAGVIT2).
+    """
+    if bit_order == "msb":
+        return jnp.arange(num_bits - 1, -1, -1, dtype=jnp.int32)  # [num_bits]
+    if bit_order == "lsb":
+        return jnp.arange(num_bits, dtype=jnp.int32)  # [num_bits]
+    raise ValueError(f"bit_order is {bit_order!r}; use one of {BIT_ORDERS}.")
 
 
-def code_bits(num_bits: int) -> jax.Array:
-    """``[2**num_bits, num_bits]`` float32 0/1 bits of every code id, same bit order as the indices."""
+def bit_weights(num_bits: int, bit_order: str = "msb") -> jax.Array:
+    """``[num_bits]`` int32 weight ``2**bit_shifts(...)`` of each channel in a code id."""
+    return jnp.left_shift(1, bit_shifts(num_bits, bit_order))  # [num_bits]
+
+
+def code_bits(num_bits: int, bit_order: str = "msb") -> jax.Array:
+    """``[2**num_bits, num_bits]`` float32 0/1 bits of every code id, channel by channel."""
     ids = jnp.arange(2**num_bits, dtype=jnp.int32)  # [n]
-    shifts = jnp.arange(num_bits - 1, -1, -1, dtype=jnp.int32)  # [k]
-    return ((ids[:, None] >> shifts[None, :]) & 1).astype(jnp.float32)  # [n, k]
+    return ((ids[:, None] >> bit_shifts(num_bits, bit_order)[None, :]) & 1).astype(jnp.float32)  # [n, k]
+
+
+def entropy_with_eps(probs: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """``-sum p log(p + eps)`` in nats, float32; ``eps = 0`` is the exact ``entropy`` (``0 log 0 = 0``).
+
+    The smoothed form is the codebook entropy of the official Open-MAGVIT2 and IBQ code
+    (``eps = 1e-5`` there).
+    """
+    if eps < 0:
+        raise ValueError(f"entropy eps is {eps}; it must be >= 0 (0 = exact entropy).")
+    if eps == 0:
+        return entropy(probs, axis=axis)
+    probs = probs.astype(jnp.float32)
+    return -jnp.sum(probs * jnp.log(probs + jnp.float32(eps)), axis=axis)
 
 
 def binary_entropy_from_logits(a: jax.Array) -> jax.Array:
@@ -60,7 +96,9 @@ def binary_entropy_from_logits(a: jax.Array) -> jax.Array:
     return p * jax.nn.softplus(-a) + (1.0 - p) * jax.nn.softplus(a)
 
 
-def mean_group_code_probs(logits: jax.Array, num_groups: int, chunk_elements: int) -> jax.Array:
+def mean_group_code_probs(
+    logits: jax.Array, num_groups: int, chunk_elements: int, bit_order: str = "msb"
+) -> jax.Array:
     """Token average of each channel group's exact marginal over its codes.
 
     Args:
@@ -68,14 +106,16 @@ def mean_group_code_probs(logits: jax.Array, num_groups: int, chunk_elements: in
       num_groups: ``G``; ``D % G == 0``.
       chunk_elements: at most this many ``[token, group, code]`` probabilities per scan step
         (at least one token per step).
+      bit_order: how a group's channels number its codes (``bit_shifts``); entropies of the
+        result do not depend on it.
 
     Returns:
-      ``[G, 2**(D/G)]`` float32: ``mean_t p_g(c | z_t)``, code ids in the index bit order.
+      ``[G, 2**(D/G)]`` float32: ``mean_t p_g(c | z_t)``, code ids in ``bit_order`` within the group.
     """
     num_tokens, dim = logits.shape
     k = dim // num_groups
     n = 2**k
-    bits = code_bits(k)  # [n, k]
+    bits = code_bits(k, bit_order)  # [n, k]
     chunk = int(max(1, min(num_tokens, chunk_elements // (num_groups * n))))
     num_chunks = -(-num_tokens // chunk)
     pad = num_chunks * chunk - num_tokens
@@ -117,10 +157,12 @@ class LookupFreeQuantizer(nn.Module):
     """MAGVIT-v2 lookup-free quantizer: ``sign(z)`` per channel, implicit ``2**dim`` codebook.
 
     ``quantized = where(z > 0, s, -s)`` with a straight-through gradient (``s = codebook_scale``,
-    1.0 by default, i.e. exactly ``+-1``). ``indices`` sum ``2**(dim-1-i)`` over the channels
-    ``i`` with ``z_i > 0``. See the module docstring for the entropy terms: ``per_sample_entropy``
-    is exact for any ``dim``; ``codebook_entropy`` is exact with ``num_groups=1`` and is the sum
-    of the groups' marginal entropies with ``num_groups > 1``.
+    1.0 by default, i.e. exactly ``+-1``). ``indices`` sum the channel weights over the channels
+    ``i`` with ``z_i > 0``: ``2**(dim-1-i)`` with ``bit_order='msb'``, ``2**i`` with ``'lsb'``;
+    ``decode_indices`` inverts the same order. See the module docstring for the entropy terms:
+    ``per_sample_entropy`` is exact for any ``dim``; ``codebook_entropy`` is exact with
+    ``num_groups=1`` and is the sum of the groups' marginal entropies with ``num_groups > 1``
+    (smoothed with ``entropy_eps`` when it is > 0).
 
     Attributes:
       dim: channels of ``z`` (= bits per code); ``codebook_size = 2**dim``.
@@ -131,6 +173,11 @@ class LookupFreeQuantizer(nn.Module):
       num_groups: channel groups for the codebook entropy; must divide ``dim`` and leave at most
         30 channels per group.
       codebook_scale: ``s``, the magnitude of the code values.
+      bit_order: ``'msb'`` (default): channel ``i`` has weight ``2**(dim-1-i)`` in the code id;
+        ``'lsb'``: channel ``i`` has weight ``2**i``, the order of Open-MAGVIT2's code ids.
+      entropy_eps: smoothing of the codebook entropy, ``-sum pbar log(pbar + eps)``; 0.0 (default)
+        is the exact entropy, 1e-5 is the official Open-MAGVIT2 / IBQ value. The per-sample
+        entropy is exact either way (as in the official code).
       codebook_entropy_chunk: at most this many token-code probabilities exist at once while the
         codebook entropy is computed (a few times ``4 * chunk`` bytes in all: 52 MiB of XLA
         temporaries for the forward and backward pass at the default, D=18, 2,048 tokens).
@@ -145,6 +192,8 @@ class LookupFreeQuantizer(nn.Module):
     entropy_temperature: float = 0.01
     num_groups: int = 1
     codebook_scale: float = 1.0
+    bit_order: str = "msb"
+    entropy_eps: float = 0.0
     codebook_entropy_chunk: int = 1 << 22
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -172,6 +221,15 @@ class LookupFreeQuantizer(nn.Module):
                 f"{_MAX_GROUP_BITS}, so set num_groups to a divisor of dim that is >= "
                 f"{-(-self.dim // _MAX_GROUP_BITS)}."
             )
+        if self.bit_order not in BIT_ORDERS:
+            raise ValueError(
+                f"LookupFreeQuantizer.bit_order is {self.bit_order!r}; use 'msb' (channel 0 is the most "
+                "significant bit) or 'lsb' (channel 0 is the least significant bit, as in Open-MAGVIT2)."
+            )
+        if self.entropy_eps < 0:
+            raise ValueError(
+                f"LookupFreeQuantizer.entropy_eps is {self.entropy_eps}; it must be >= 0 (0 = exact entropy)."
+            )
         if self.entropy_temperature <= 0:
             raise ValueError(
                 f"LookupFreeQuantizer.entropy_temperature is {self.entropy_temperature}; it must be > 0."
@@ -192,13 +250,16 @@ class LookupFreeQuantizer(nn.Module):
         scale = jnp.float32(self.codebook_scale)
         hard = jnp.where(zf > 0, scale, -scale)  # [..., D]
         quantized = straight_through(zf, hard).astype(out_dtype)  # [..., D]
-        indices = jnp.sum(jnp.where(zf > 0, bit_weights(self.dim), 0), axis=-1).astype(jnp.int32)  # [...]
+        weights = bit_weights(self.dim, self.bit_order)  # [D]
+        indices = jnp.sum(jnp.where(zf > 0, weights, 0), axis=-1).astype(jnp.int32)  # [...]
 
         flat = zf.reshape(-1, self.dim)  # [T, D]
         logits = 4.0 * scale * flat / jnp.float32(self.entropy_temperature)  # [T, D]
         per_sample_entropy = jnp.mean(jnp.sum(binary_entropy_from_logits(logits), axis=-1))
-        group_probs = mean_group_code_probs(logits, self.num_groups, self.codebook_entropy_chunk)  # [G, n]
-        codebook_entropy = jnp.sum(entropy(group_probs, axis=-1))
+        group_probs = mean_group_code_probs(
+            logits, self.num_groups, self.codebook_entropy_chunk, self.bit_order
+        )  # [G, n]
+        codebook_entropy = jnp.sum(entropy_with_eps(group_probs, self.entropy_eps, axis=-1))
         entropy_loss = per_sample_entropy - self.codebook_entropy_weight * codebook_entropy
         commitment_loss = jnp.mean(jnp.square(zf - jax.lax.stop_gradient(hard)))
         loss = self.entropy_loss_weight * entropy_loss + self.commitment_weight * commitment_loss
@@ -218,9 +279,8 @@ class LookupFreeQuantizer(nn.Module):
         return QuantizerOutput(quantized=quantized, indices=indices, loss=loss.astype(jnp.float32), metrics=metrics)
 
     def decode_indices(self, indices: jax.Array) -> jax.Array:
-        """``[...]`` int code ids -> ``[..., dim]`` code vectors ``+-codebook_scale`` (same bit order)."""
+        """``[...]`` int code ids -> ``[..., dim]`` code vectors ``+-codebook_scale`` (in ``bit_order``)."""
         self._check_config()
-        shifts = jnp.arange(self.dim - 1, -1, -1, dtype=jnp.int32)  # [D]
-        bits = (indices.astype(jnp.int32)[..., None] >> shifts) & 1  # [..., D]
+        bits = (indices.astype(jnp.int32)[..., None] >> bit_shifts(self.dim, self.bit_order)) & 1  # [..., D]
         scale = jnp.float32(self.codebook_scale)
         return jnp.where(bits > 0, scale, -scale).astype(jnp.float32 if self.dtype is None else self.dtype)  # [..., D]
