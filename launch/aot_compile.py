@@ -1,14 +1,15 @@
 """Ahead-of-time compilation of a train step for a device topology you may not have.
 
     # a v5e-16 pod slice, from any CPU machine with libtpu installed (pip install 'jax[tpu]'):
-    python launch/aot_compile.py --config=configs/tokenizers/llamagen_vq16.py --topology=v5e-16
-    python launch/aot_compile.py --config=configs/generators/llamagen.py:XL --target=generator \\
+    python launch/aot_compile.py --config=tokenizers/llamagen_vq16 --topology=v5e-16
+    python launch/aot_compile.py --config=generators/llamagen:XL --target=generator \\
         --topology=v5p-128 --mesh_shape=-1,4,1
-    # simulated CPU devices (no libtpu needed):
-    python launch/aot_compile.py --config=configs/quickstart.py --topology=cpu:8 --mesh_shape=2,4,1
+    # simulated CPU devices (no libtpu needed); every phase of the config:
+    python launch/aot_compile.py --config=quickstart --topology=cpu:8 --mesh_shape=2,4,1
 
-It builds the same jitted, sharded, donated step the trainers run (``TokenizerTrainer`` or
-``GeneratorTrainer.compiled_step``), lowers it on abstract inputs (``jax.ShapeDtypeStruct`` with
+It builds the same jitted, sharded, donated step the trainers run (the phase that
+``vqgen.train.tokenizer.build`` / ``vqgen.train.generator.build`` make from the config, compiled
+by ``vqgen.train.common.compile_phase``; no workdir, no tokenizer checkpoint), lowers it on abstract inputs (``jax.ShapeDtypeStruct`` with
 the step's shardings; no parameter is allocated) over a mesh of compile-only devices from
 ``jax.experimental.topologies.get_topology_desc``, compiles it, and prints the per-device
 ``memory_analysis()`` and the step's FLOPs; the last line is one JSON object. A config that
@@ -97,116 +98,41 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     return list(desc.devices)
 
 
-# The trainers guard their step with chex.assert_max_traces, whose counter is global to the
-# process; one AOT call lowers once, but a process may compile for several topologies.
-_MAX_TRACES = 1_000_000
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _tokenizer_step(config, mesh):
-    """(jitted step, abstract args) of ``TokenizerTrainer.train_step`` on ``mesh``."""
-    import jax
-    import jax.numpy as jnp
-
-    from vqgen import parallel
-    from vqgen.train.tokenizer import TokenizerTrainer
-
-    trainer = TokenizerTrainer(config, workdir="/nonexistent", mesh=mesh)
-    key = jax.random.key(0)  # outside the mesh: compile-only devices cannot hold arrays
-    with parallel.mesh_context(mesh, trainer.rules):
-        boxed = jax.eval_shape(trainer.init_state, key)
-        shardings = parallel.logical_to_sharding(boxed, mesh, trainer.rules)
-    state = _abstract(parallel.unbox(boxed), shardings)
-    step = trainer.compiled_step(shardings, max_traces=_MAX_TRACES)
-    batch_shape = tuple(trainer._dummy(int(config.tokenizer_train.batch_size)).shape)
-    batch = {"image": jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=parallel.batch_sharding(mesh, len(batch_shape))),
-             "label": jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32, sharding=parallel.batch_sharding(mesh, 1))}
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    lp = None
-    if trainer.perceptual is not None:
-        lp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), trainer.perceptual[1])
-    return step, (state, batch, rng, lp), trainer.rules
-
-
-class _TokenizerShape:
-    """What ``GeneratorTrainer`` reads from a tokenizer, from the config alone (no checkpoint)."""
-
-    def __init__(self, config):
-        from vqgen.train.generator import _vocab_from_config
-
-        self.vocab_size = _vocab_from_config(config)
-
-
-def _generator_step(config, mesh):
-    """(jitted step, abstract args) of ``GeneratorTrainer.train_step`` on ``mesh`` (no tokenizer checkpoint)."""
-    import jax
-    import jax.numpy as jnp
-
-    from vqgen import parallel
-    from vqgen.train import common
-    from vqgen.train import generator as gen
-
-    ds = 2 ** (len(config.tokenizer.ch_mult) - 1)
-    grid = (config.data.image_size // ds, config.data.image_size // ds)
-    gt = config.generator_train
-    parallel.check_batch_size(gt.batch_size, mesh)
-    # GeneratorTrainer.__init__ restores the tokenizer from a workdir; AOT needs only the parts
-    # the step uses, built here the same way from the config.
-    trainer = gen.GeneratorTrainer.__new__(gen.GeneratorTrainer)
-    trainer.config, trainer.mesh, trainer.workdir = config, mesh, "/nonexistent"
-    trainer.rules = parallel.rules_from_config(config.logical_rules)
-    trainer.tokenizer = _TokenizerShape(config)
-    trainer.family = gen.family_module(config.generator.arch)
-    trainer.num_classes = int(config.data.num_classes)
-    trainer.grid = grid
-    trainer.model = trainer.family.build(gen._plain(config.generator), vocab_size=trainer.tokenizer.vocab_size,
-                                         num_classes=trainer.num_classes, grid=grid)
-    trainer.tx = common.make_optimizer(
-        lr=gt.lr, num_steps=gt.num_steps, warmup_steps=gt.warmup_steps, schedule=gt.schedule,
-        weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip)
-    key = jax.random.key(0)  # outside the mesh: compile-only devices cannot hold arrays
-    with parallel.mesh_context(mesh, trainer.rules):
-        boxed = jax.eval_shape(trainer.init_state, key)
-        shardings = parallel.logical_to_sharding(boxed, mesh, trainer.rules)
-    state = _abstract(parallel.unbox(boxed), shardings)
-    step = trainer.compiled_step(shardings, max_traces=_MAX_TRACES)
-    b = int(gt.batch_size)
-    seq = math_prod(grid)
-    batch = {"tokens": jax.ShapeDtypeStruct((b, seq), jnp.int32, sharding=parallel.batch_sharding(mesh, 2)),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))}
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    return step, (state, batch, rng), trainer.rules
-
-
 def compile_step(config, target: str, devices: list, mesh_shape=None) -> dict[str, Any]:
     """Lowers and compiles the ``target`` ('tokenizer' or 'generator') train step of ``config`` for
-    ``devices`` (compile-only TPU devices or CPU devices); returns the memory/FLOP report."""
-    from vqgen import parallel
+    ``devices`` (compile-only TPU devices or CPU devices); returns the memory/FLOP report.
 
-    if target not in ("tokenizer", "generator"):
+    The step is the phase's own (``vqgen.train.tokenizer.build`` / ``vqgen.train.generator.build``),
+    compiled by ``vqgen.train.common.compile_phase`` as the trainer does, on abstract inputs.
+    """
+    from vqgen import parallel
+    from vqgen.train import common
+    from vqgen.train import generator as generator_lib
+    from vqgen.train import tokenizer as tokenizer_lib
+
+    builders = {"tokenizer": tokenizer_lib.build, "generator": generator_lib.build}
+    if target not in builders:
         raise ValueError(f"unknown --target={target!r}; use 'tokenizer' or 'generator'.")
     if target not in config:
         raise ValueError(f"the config has no {target!r} section; pick --target={'generator' if target == 'tokenizer' else 'tokenizer'}.")
     shape = tuple(mesh_shape) if mesh_shape else tuple(config.mesh_shape)
     mesh = parallel.create_mesh(shape, devices=devices)
+    rules = parallel.rules_from_config(config.logical_rules)
+    batch_key = "tokenizer_train" if target == "tokenizer" else "generator_train"
+    parallel.check_batch_size(config[batch_key].batch_size, mesh)
     t0 = time.perf_counter()
-    build = _tokenizer_step if target == "tokenizer" else _generator_step
-    step, args, rules = build(config, mesh)
+    phase = builders[target](config)
+    state, shardings = common.abstract_state(phase, mesh, rules)
+    step = common.compile_phase(phase, mesh, shardings, max_traces=None)
     with parallel.mesh_context(mesh, rules):
-        lowered = step.lower(*args)
+        lowered = step.lower(*common.step_args(phase, mesh, state))
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     report: dict[str, Any] = {
         "target": target, "platform": devices[0].platform, "device_kind": getattr(devices[0], "device_kind", ""),
-        "num_devices": len(devices), "mesh": dict(mesh.shape), "lower_seconds": round(t1 - t0, 2),
+        "num_devices": len(devices), "mesh": dict(mesh.shape), "global_batch": int(config[batch_key].batch_size),
+        "params": common.count_params(state.params), "lower_seconds": round(t1 - t0, 2),
         "compile_seconds": round(t2 - t1, 2)}
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -240,8 +166,12 @@ def main(argv: list[str]) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
-    target_flag = flags.DEFINE_enum("target", "tokenizer", ["tokenizer", "generator"], "Which train step to compile.")
+    from vqgen.main import UserError, prepare_argv
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config name or file (name_or_path[:variant]).",
+                                                  lock_config=True)
+    target_flag = flags.DEFINE_enum("target", "all", ["all", "tokenizer", "generator"],
+                                    "Which train step to compile; 'all': every phase the config has.")
     topo_flag = flags.DEFINE_string("topology", "cpu:8", "v5e-16, v5p-64, v4-32, v5e:4x4, ... or cpu:N.")
     slices_flag = flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice).")
     mesh_flag = flags.DEFINE_list("mesh_shape", None, "('data','fsdp','tensor') sizes; default: the config's.")
@@ -251,13 +181,20 @@ def main(argv: list[str]) -> None:
         config = config_flag.value
         if config is None:
             raise app.UsageError("--config is required, e.g. --config=configs/tokenizers/llamagen_vq16.py.")
-        if batch_flag.value:
-            section = "tokenizer_train" if target_flag.value == "tokenizer" else "generator_train"
-            config[section].batch_size = batch_flag.value
+        targets = [t for t in ("tokenizer", "generator") if t in config] if target_flag.value == "all" \
+            else [target_flag.value]
         devices = topology_devices(topo_flag.value, slices_flag.value)
         mesh_shape = [int(x) for x in mesh_flag.value] if mesh_flag.value else None
-        _print_report(compile_step(config, target_flag.value, devices, mesh_shape))
+        for target in targets:
+            if batch_flag.value:
+                config[f"{target}_train"].batch_size = batch_flag.value
+            _print_report(compile_step(config, target, devices, mesh_shape))
 
+    try:
+        argv = prepare_argv(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(run, argv=argv)
 
 

@@ -2,16 +2,11 @@
 
 Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit]`` or ``tiny_config.get_config()``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-
-import quickstart  # noqa: E402
+from vqgen import config_lib
 
 
 def get_config(arg=None):
-    c = quickstart.get_config(arg)
+    c = config_lib.load_config("quickstart", arg)
     c.unlock()
     t = c.tokenizer
     t.ch, t.ch_mult, t.num_res_blocks, t.z_channels, t.embed_dim, t.norm_groups = 8, (1, 2), 1, 8, 4, 4

@@ -126,6 +126,35 @@ class Checkpointer:
         logging.info("restored checkpoint step %d from %s", step, self.directory)
         return out["state"]
 
+    def restore_subset(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
+        """Restores only the top-level fields of the saved state named in ``target`` (a dict of
+        abstract subtrees, e.g. ``{'ema_params': ..., 'model_state': ...}``) and returns
+        ``(restored dict, meta)``. The fingerprint is not checked here: the caller compares the
+        part of ``meta['fingerprint']`` that matters to it (a frozen tokenizer needs its
+        architecture, not the discriminator or optimiser it was trained with).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory} to restore; train first.")
+        meta = self.read_meta(step)
+        target = _abstract(target)
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(create=False),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        try:
+            args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                          partial_restore=True)
+            out = reader.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} does not hold what this model needs "
+                f"({str(e).splitlines()[0][:200]}); use the config it was trained with or a new --workdir."
+            ) from e
+        finally:
+            reader.close()
+        logging.info("restored %s of checkpoint step %d from %s", sorted(target), step, self.directory)
+        return dict(out["state"]), meta
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

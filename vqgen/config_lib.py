@@ -1,9 +1,93 @@
-"""Config sections that every run config in configs/ shares (mesh, data, training loops)."""
+"""Config files and the sections they share.
+
+:func:`load_config` is the one way a config file is found and loaded (the command line, the
+Python API, the tests and the config files that build on each other all use it): by path
+(``configs/quickstart.py:maskgit``) or by name (``quickstart:maskgit``,
+``generators/llamagen:B``, ``llamagen:B``), from any working directory. The section builders
+below (mesh, data, training loops, sampling) are what every config in ``configs/`` shares.
+"""
 from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import ml_collections
 
-from vqgen import parallel
+from vqgen import generators, parallel
+
+# Where configs are found by name: $VQGEN_CONFIG_DIR, else the configs/ folder beside the package
+# (the repository checkout that `pip install -e .` installs from).
+CONFIG_DIR_ENV = "VQGEN_CONFIG_DIR"
+
+
+def config_dir() -> Path:
+    env = os.environ.get(CONFIG_DIR_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def known_configs() -> list[str]:
+    """Names of the config files in :func:`config_dir` (``quickstart``, ``generators/llamagen``, ...)."""
+    root = config_dir()
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.py") if not p.name.startswith("_"))
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``'name_or_path[:variant]'`` -> ``(name_or_path, variant or None)``."""
+    name, sep, arg = str(spec).partition(":")
+    return name, (arg if sep and arg else None)
+
+
+def resolve_config(spec: str) -> tuple[Path, str | None]:
+    """The file and variant of a config spec; ``ValueError`` listing the known names when none matches.
+
+    Tried in order: the path as given (``.py`` optional), then the name under :func:`config_dir`
+    (``quickstart``, ``generators/llamagen``), then a unique file of that name in a sub-folder
+    (``llamagen`` -> ``generators/llamagen.py``).
+    """
+    name, arg = split_spec(spec)
+    if not name:
+        raise ValueError("--config is empty; pass a config name or file, e.g. --config=quickstart.")
+    with_py = name if name.endswith(".py") else name + ".py"
+    root = config_dir()
+    candidates = [Path(name), Path(with_py), root / with_py]
+    stem = Path(with_py).name
+    candidates += sorted(root.rglob(stem)) if root.is_dir() and Path(name).name == name.removesuffix(".py") else []
+    for path in candidates:
+        if path.is_file():
+            return path.resolve(), arg
+    known = known_configs()
+    close = difflib.get_close_matches(name.removesuffix(".py"), known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"no config named {name!r}; known configs are {known} (or pass the path of a .py file).{hint}")
+
+
+def load_config_module(spec: str) -> ModuleType:
+    """The Python module of a config file (for configs that build on another's sections)."""
+    path, _ = resolve_config(spec)
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+    module_spec = importlib.util.spec_from_file_location(f"_vqgen_config_{path.stem}_{digest}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"{path} has no get_config(arg) function; a config file must define one.")
+    return module
+
+
+def load_config(spec: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads a config by name or path, ``'quickstart:maskgit'`` or ``'configs/quickstart.py'``.
+
+    ``arg`` picks the variant when the spec has none after a colon.
+    """
+    _, spec_arg = split_spec(spec)
+    return load_config_module(spec).get_config(spec_arg if spec_arg is not None else arg)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,10 +146,19 @@ def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(d)
 
 
+# Sampling defaults of the run configs where they differ from the samplers' own defaults.
+_SAMPLE_DEFAULTS = dict(per_class=100, batch_size=100, use_ema=True, cfg_scale=2.0)
+
+
 def sample_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
-    d = dict(per_class=100, batch_size=100, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=2.0,
-             cfg_schedule="constant", cfg_interval=(0.0, 1.0), num_steps=8, choice_temperature=4.5,
-             use_ema=True, task="class", cond_frames=4)
+    """The ``sample`` section of generator family ``arch``: exactly the keys its sampler reads
+    (the fields of its ``SamplerOptions``) plus ``per_class``, ``batch_size`` and ``use_ema``."""
+    options = generators.family(arch).SamplerOptions
+    d = {f.name: f.default for f in dataclasses.fields(options)}
+    d.update(_SAMPLE_DEFAULTS)
+    unknown = sorted(set(kw) - set(d))
+    if unknown:
+        raise ValueError(f"sample.{unknown[0]} is not an option of the {arch!r} generator; its sample keys are {sorted(d)}.")
     d.update(kw)
     return ml_collections.ConfigDict(d)
 

@@ -1,26 +1,98 @@
-"""vqgen command line.
+"""vqgen command line: every family and phase, images and video.
 
-    python -m vqgen.main --config=configs/quickstart.py --workdir=runs/quickstart
+    python -m vqgen.main --config=quickstart --workdir=runs/quickstart
+    python -m vqgen.main --config=quickstart:maskgit --workdir=runs/maskgit
+    python -m vqgen.main --config=generators/magvit --workdir=runs/magvit_mnist
     python -m vqgen.main --config=configs/generators/llamagen.py:B --workdir=gs://... --mode=train_generator
 
+``--config`` is a config name (``quickstart``, ``generators/llamagen``, ``llamagen``) or the path
+of a config file, with ``:variant``; keys are overridden with ``--config.section.key=value``.
 ``--mode`` is one of train_tokenizer, train_generator, sample, evaluate, summary, or all (the
-config's default). Running the same command again resumes from the last checkpoint.
+config's default). Running the same command again resumes from the last checkpoint. Mistakes
+end in one sentence on stderr (exit code 2); ``--verbosity=1`` shows the traceback too.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train_tokenizer", "train_generator", "sample", "evaluate", "summary", "all")
+from vqgen import config_lib, parallel
+from vqgen.checkpoint import IncompatibleCheckpointError
+from vqgen.train import run as run_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config name or file (name_or_path[:variant]).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
-_MODE = flags.DEFINE_enum("mode", None, MODES, "What to run; defaults to the config's `mode` or 'all'.")
+_MODE = flags.DEFINE_enum("mode", None, run_lib.MODES, "What to run; defaults to the config's `mode` or 'all'.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (multi-host); also VQGEN_DISTRIBUTED=1.")
+
+# Errors that are the user's to fix: shown as one sentence unless --verbosity >= 1.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IncompatibleCheckpointError)
+
+
+class UserError(Exception):
+    """A mistake on the command line, found before absl parses the flags."""
+
+
+def _config_arg(argv: list[str]) -> tuple[int, str] | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return i, a.split("=", 1)[1]
+    return None
+
+
+def _override_error(config, path: str) -> str | None:
+    """A sentence for ``--config.<path>=`` when ``path`` is not a key of ``config``, else None."""
+    node, done = config, []
+    for part in path.split("."):
+        if hasattr(node, "keys") and part in node:
+            node = node[part]
+            done.append(part)
+            continue
+        where = ".".join(done)
+        keys = sorted(node.keys()) if hasattr(node, "keys") else []
+        if where == "sample" and "generator" in config:
+            return (f"sample.{part} is not read by the {config.generator.arch!r} generator; its sample keys are "
+                    f"{keys} (remove --config.{path}).")
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"; did you mean --config.{'.'.join(done + [close[0]])}?" if close else f"; the keys there are {keys}."
+        return f"--config.{path}: the config has no key {'.'.join(done + [part])!r}{hint}"
+    return None
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """Resolves ``--config=NAME[:variant]`` to its file and checks every ``--config.x=`` override.
+
+    Raises :class:`UserError` with one sentence for an unknown config name or key.
+    """
+    found = _config_arg(argv)
+    if found is None:
+        return argv
+    i, spec = found
+    try:
+        path, arg = config_lib.resolve_config(spec)
+        overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)=", a))]
+        if overrides:
+            config = config_lib.load_config(str(path), arg)
+            for key in overrides:
+                message = _override_error(config, key)
+                if message:
+                    raise UserError(message)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    argv = list(argv)
+    argv[i] = f"--config={path}" + (f":{arg}" if arg else "")
+    return argv
+
+
+def _verbose() -> bool:
+    return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
 
 
 def main(argv):
@@ -30,25 +102,32 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py.")
+        raise app.UsageError("--config is required, e.g. --config=quickstart.")
     mode = _MODE.value or config.get("mode", "all")
-    if mode != "summary" and not _WORKDIR.value:
-        raise app.UsageError("--workdir is required, e.g. --workdir=runs/quickstart.")
-    from vqgen import parallel
-
-    distributed = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else None
+    distributed = _DISTRIBUTED.value
     if distributed is None and config.get("distributed", False):
         distributed = True
-    parallel.maybe_initialize_distributed(distributed)
-    from vqgen.train import run as run_lib
+    try:
+        parallel.maybe_initialize_distributed(distributed)
+        code = run_lib.run(config, _WORKDIR.value, mode)
+    except USER_ERRORS as e:
+        if _verbose():
+            raise
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(code)
 
-    sys.exit(run_lib.run(config, _WORKDIR.value, mode))
 
-
-def run():
+def run(argv: list[str] | None = None):
     """Console-script entry point (``vqgen --config=... --workdir=...``)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    app.run(main)
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        argv = prepare_argv(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

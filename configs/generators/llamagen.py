@@ -35,9 +35,6 @@ On a Cloud TPU pod (see launch/README.md)::
 ``--mode=all`` trains the tokenizer, then the GPT, then samples and evaluates; with a
 tokenizer checkpoint already in ``<workdir>/checkpoints/tokenizer`` it resumes from there.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from vqgen import config_lib
@@ -52,19 +49,11 @@ _MESH = {"B": (-1, 1, 1), "L": (-1, 1, 1), "XL": (-1, 1, 1), "XXL": (1, -1, 1), 
 _STEPS_PER_EPOCH = 1_281_167 // 256
 
 
-def _vq16_config_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizers", "llamagen_vq16.py")
-    spec = importlib.util.spec_from_file_location("_vqgen_config_llamagen_vq16", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "B"
     if variant not in VARIANTS:
         raise ValueError(f"unknown LlamaGen variant {variant!r}; use one of {VARIANTS}, e.g. llamagen.py:B.")
-    vq16 = _vq16_config_module()
+    vq16 = config_lib.load_config_module("tokenizers/llamagen_vq16")
     arch = gpt.VARIANTS[variant]
     c = config_lib.base_config()
     c.mode = "all"

@@ -1,7 +1,7 @@
 """MAGVIT (Yu et al. 2023): a 3D-VQ video tokenizer and a multi-task masked video transformer.
 
-    python -m vqgen.train.video --config=configs/generators/magvit.py --workdir=runs/magvit_mnist
-    python -m vqgen.train.video --config=configs/generators/magvit.py:B --workdir=gs://.../magvit_b \\
+    python -m vqgen.main --config=configs/generators/magvit.py --workdir=runs/magvit_mnist
+    python -m vqgen.main --config=configs/generators/magvit.py:B --workdir=gs://.../magvit_b \\
         --config.data.data_dir=/path/to/tensorflow_datasets
 
 Variants (``:arg``):
@@ -92,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.99, flip_augment=False, log_every=100,
             save_every=350, keep=2, image_every=0)
         c.sample = config_lib.sample_config(
-            per_class=2, batch_size=20, temperature=1.0, cfg_scale=1.0, num_steps=8, choice_temperature=4.5,
-            task="frame_prediction", cond_frames=4)
+            "magvit", per_class=2, batch_size=20, temperature=1.0, cfg_scale=1.0, num_steps=8,
+            choice_temperature=4.5, task="frame_prediction", cond_frames=4)
         c.video = ml_collections.ConfigDict(dict(eval_clips=32, eval_batch_size=16, cache_clips=1500))
     else:
         depth, width, mlp, heads = TRANSFORMER[variant]
@@ -116,8 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             weight_decay=0.045, b1=0.9, b2=0.96, grad_clip=1.0, ema_decay=0.999, flip_augment=False,
             log_every=500, save_every=1000, keep=5, image_every=0)
         c.sample = config_lib.sample_config(
-            per_class=10, batch_size=64, temperature=1.0, cfg_scale=1.0, num_steps=12, choice_temperature=4.5,
-            task="class", cond_frames=1)
+            "magvit", per_class=10, batch_size=64, temperature=1.0, cfg_scale=1.0, num_steps=12,
+            choice_temperature=4.5, task="class", cond_frames=1)
         c.video = ml_collections.ConfigDict(dict(eval_clips=256, eval_batch_size=16, cache_clips=0))
     c.evaluate = config_lib.evaluate_config(judge=False)
     c.lock()

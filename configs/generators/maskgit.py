@@ -29,9 +29,6 @@ without it the term is off, with a warning). The generator's optimiser is
 ``maskgit_class_cond_config.py``'s: lr 1e-4, b1 0.9, b2 0.96, weight decay 0.045, 5000 warmup
 steps, batch 256, 2M steps.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from vqgen import config_lib
@@ -39,21 +36,14 @@ from vqgen import config_lib
 VARIANTS = ("paper", "cfg")
 
 
-def _tokenizer_config() -> ml_collections.ConfigDict:
-    """``configs/tokenizers/maskgit_vqgan.py``'s config, so a tokenizer trained by it is accepted here."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizers", "maskgit_vqgan.py")
-    spec = importlib.util.spec_from_file_location("_vqgen_config_maskgit_vqgan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "paper"
     if variant not in VARIANTS:
         raise ValueError(f"unknown MaskGIT variant {variant!r}; use one of {VARIANTS}.")
     use_cfg = variant == "cfg"
-    c = _tokenizer_config()  # seed, mesh, data, tokenizer and its training: one source of truth
+    # seed, mesh, data, tokenizer and its training: one source of truth, so a tokenizer trained
+    # by configs/tokenizers/maskgit_vqgan.py is accepted here.
+    c = config_lib.load_config("tokenizers/maskgit_vqgan")
     c.unlock()
     c.mode = "all"
     c.generator = config_lib.generator_config(

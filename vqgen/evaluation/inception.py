@@ -338,17 +338,16 @@ def save_params(path: str, params: Any) -> None:
 def load_inception_params(path: str) -> dict[str, Any]:
     """Loads the converted FID InceptionV3 parameters (``.npz``) as a Flax params tree.
 
-    A ``.pth`` file is converted on the fly when torch is installed. Raises
+    A ``.pth`` file is refused with the command that converts it. Raises
     ``FileNotFoundError`` naming the converter when the file is missing and ``ValueError`` when it
     holds another network.
     """
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"Inception weights file {path} not found; {CONVERT_HINT}.")
-    if path.endswith((".pth", ".pt")):
-        from vqgen.convert import inception as convert_inception
-
-        return convert_inception.convert_file(path)
+    if path.endswith((".pth", ".pt")):  # converting needs torch, which evaluation never imports
+        raise ValueError(f"{path} is a PyTorch weights file; convert it once with "
+                         f"`python -m vqgen.convert.inception {path} inception.npz` and pass the .npz.")
     try:
         with np.load(path) as z:
             flat = {k: np.asarray(z[k]) for k in z.files}

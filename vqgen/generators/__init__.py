@@ -1,1 +1,57 @@
-"""vqgen.generators."""
+"""vqgen.generators: the generator families and the protocol through which they plug in.
+
+A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``) listed in :data:`FAMILIES`
+under the name that ``config.generator.arch`` uses. Training, sampling, ahead-of-time compilation
+and the Python API reach a family only through these module-level names:
+
+``build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]) -> nn.Module``
+    The model from the ``generator`` config section (a plain dict; ``arch`` is ignored, an unknown
+    key is a ``ValueError``) over a token grid: ``(h, w)`` for images, ``(t, h, w)`` for video.
+``init_params(model, rng) -> params``
+    Initialised parameters (``nn.Partitioned``-boxed, so the trainer can shard them).
+``loss_fn(model, params, batch, rng) -> (loss, metrics)``
+    The training loss of ``batch = {'tokens': int32 [B, L], 'label': int32 [B]}``: a float32
+    scalar and a dict of float32 scalars; pure and jittable.
+``SamplerOptions``
+    A frozen, hashable dataclass of the family's sampling options, a subclass of
+    :class:`vqgen.generators.sampling.SamplingOptions` (temperature, top-k, top-p, CFG scale,
+    schedule and interval) with the family's own fields added. Its fields are exactly the keys
+    of the family's ``sample`` config section (besides :data:`~vqgen.generators.sampling.RUN_KEYS`).
+``sampler_options(cfg: dict, **overrides) -> SamplerOptions``
+    Options from a ``sample`` section; a key the family does not read is a ``ValueError``
+    naming the family.
+``sample(model, params, labels, rng, opts) -> int32 [B, L]``
+    Class-conditional token ids, jitted end to end.
+``VIDEO: bool``
+    Whether the family models video token grids ``(t, h, w)``.
+optional ``TASKS`` and ``sample_task(model, params, labels, rng, opts, condition_tokens, known_mask)``
+    Conditional tasks (MAGVIT: frame prediction, interpolation, in/outpainting): token ids that
+    keep ``condition_tokens`` where ``known_mask`` and generate the rest; ``opts.task`` names the
+    task. A family without them samples class-conditionally only.
+
+Every family today consumes discrete token ids from a tokenizer with a codebook; the token spec
+of a config (grid, vocabulary, image or video) is :func:`vqgen.train.builders.token_spec`.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# config.generator.arch -> the module of the family.
+FAMILIES = {
+    "gpt": "vqgen.generators.gpt",
+    "maskgit": "vqgen.generators.maskgit",
+    "magvit": "vqgen.generators.magvit",
+}
+
+
+def family(arch: str) -> ModuleType:
+    """The module of generator family ``arch`` (imported on first use)."""
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown generator arch {arch!r}; set generator.arch to one of {sorted(FAMILIES)}.")
+    return importlib.import_module(FAMILIES[arch])
+
+
+def has_tasks(module: ModuleType) -> bool:
+    """Whether a family samples conditional tasks (``sample_task``) besides class-conditional ones."""
+    return hasattr(module, "sample_task")

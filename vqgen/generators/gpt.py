@@ -55,6 +55,8 @@ from vqgen.modules.attention import init_cache as init_layer_cache
 from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm
 from vqgen.modules.rope import rope_2d_table
 
+VIDEO = False  # the token grid is (h, w) (the generator protocol, vqgen/generators/__init__.py)
+
 Dtype = Any
 
 CLS_TOKEN_NUM = 1
@@ -297,36 +299,14 @@ def loss_fn(model: GPT, params: Any, batch: dict[str, jax.Array], rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Static, hashable sampler options (the random key is an argument of :func:`sample`).
-
-    - ``temperature``: logits are divided by it; 0 means greedy argmax.
-    - ``top_k``: keep the k most likely tokens (0 = off); ``top_k=1`` is greedy.
-    - ``top_p``: nucleus mass in [0, 1] (1 = off, 0 = greedy).
-    - ``cfg_scale``: classifier-free guidance ``cond + (s - 1) * (cond - uncond)``; 1 = off
-      (then the unconditional batch is not run at all).
-    - ``cfg_schedule``: ``'constant'`` or ``'linear'`` (scale 1 at the first token rising to
-      ``cfg_scale`` at the last), see :func:`vqgen.generators.sampling.cfg_scale_at`.
-    - ``cfg_interval``: ``(start, end)`` fractions of the sequence; token ``t`` is guided only
-      when ``start <= t / L < end`` (LlamaGen's ``cfg_interval`` stops CFG after a position).
+class SamplerConfig(sampling.SamplingOptions):
+    """The GPT's sampler options: exactly the shared :class:`~vqgen.generators.sampling.SamplingOptions`
+    (temperature, top-k, top-p, CFG scale, schedule and interval; the interval counts tokens, as
+    LlamaGen's ``cfg_interval`` stops guidance after a position).
     """
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 1.0
-    cfg_schedule: str = "constant"
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
 
-    def __post_init__(self):
-        interval = sampling.check_options(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            cfg_schedule=self.cfg_schedule, cfg_interval=self.cfg_interval, unit="token")
-        object.__setattr__(self, "cfg_interval", interval)
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
+SamplerOptions = SamplerConfig  # the generator protocol's name for a family's options type
 
 
 @flax.struct.dataclass
@@ -461,7 +441,6 @@ def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]
     return GPT(vocab_size=vocab_size, num_classes=num_classes, grid=tuple(int(g) for g in grid), **kw)
 
 
-def sampler_options(cfg: dict) -> SamplerConfig:
-    """:class:`SamplerConfig` from a ``config.sample`` section (keys it does not use are ignored)."""
-    names = {f.name for f in dataclasses.fields(SamplerConfig)}
-    return SamplerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names})
+def sampler_options(cfg: dict, **overrides: Any) -> SamplerConfig:
+    """:class:`SamplerConfig` from a ``config.sample`` section; a key the GPT does not read is an error."""
+    return SamplerConfig.from_dict(cfg, "gpt", **overrides)

@@ -21,7 +21,7 @@ rest filled in), which only the tokenizer can compute. ``loss_fn`` sees token ba
   the condition video of task ``tasks[j]``; any value for ``'class'``), they are used: full
   COMMIT, and the loss covers every schedule-masked position (MAGVIT's ``mask+refine``: masked
   targets and condition tokens to refine);
-- otherwise (what :class:`vqgen.train.generator.GeneratorTrainer` feeds today: the token cache
+- otherwise (what the generator phase of :mod:`vqgen.train.generator` feeds today: the token cache
   holds only the real clip's tokens) ``z~`` is approximated by ``z``. Then ``m(z)`` shows the
   real tokens in the whole condition region and ``[MASK]`` at the schedule-masked positions
   outside it: MaskGIT *editing* training. The loss covers the masked positions outside the
@@ -57,6 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgen.generators import magvit_tasks, mask_schedules, maskgit
+
+VIDEO = True  # the token grid is (t, h, w) (the generator protocol, vqgen/generators/__init__.py)
+TASKS = magvit_tasks.TASKS
 
 
 class MAGVITTransformer(maskgit.MaskGITTransformer):
@@ -209,36 +212,32 @@ def loss_fn(model: MAGVITTransformer, params: Any, batch: dict, rng: jax.Array, 
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerOptions:
+class SamplerOptions(maskgit.SamplerOptions):
     """Static, hashable options: MaskGIT's decoding options plus the task to sample.
 
-    - ``decode``: :class:`vqgen.generators.maskgit.SamplerOptions` (steps, temperatures,
-      guidance, mask schedule).
-    - ``task``: one of :data:`magvit_tasks.TASKS`; ``'class'`` is plain generation.
+    - the fields of :class:`vqgen.generators.maskgit.SamplerOptions` (steps, temperatures,
+      guidance, mask schedule);
+    - ``task``: one of :data:`magvit_tasks.TASKS`; ``'class'`` is plain generation;
     - ``cond_frames``: given frames of ``frame_prediction``/``frame_interpolation``.
     """
 
-    decode: maskgit.SamplerOptions = maskgit.SamplerOptions()
     task: str = "class"
     cond_frames: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         magvit_tasks.check_task(self.task)
         if int(self.cond_frames) < 1:
             raise ValueError(f"cond_frames={self.cond_frames} must be at least 1 (frames given to the task).")
         object.__setattr__(self, "cond_frames", int(self.cond_frames))
 
 
-def sampler_options(cfg: dict) -> SamplerOptions:
-    """``config.sample`` (plain dict) -> :class:`SamplerOptions` (unknown keys are ignored)."""
-    cfg = dict(cfg)
-    return SamplerOptions(decode=maskgit.sampler_options(cfg), task=str(cfg.get("task", "class")),
-                          cond_frames=int(cfg.get("cond_frames", 1)))
+def sampler_options(cfg: dict, **overrides: Any) -> SamplerOptions:
+    """``config.sample`` (plain dict) -> :class:`SamplerOptions`; a key MAGVIT does not read is an error."""
+    return SamplerOptions.from_dict(cfg, "magvit", **overrides)
 
 
 def _decode_opts(opts: Any) -> maskgit.SamplerOptions:
-    if isinstance(opts, SamplerOptions):
-        return opts.decode
     if isinstance(opts, maskgit.SamplerOptions):
         return opts
     raise ValueError(f"opts must be a magvit.SamplerOptions, got {type(opts).__name__}; build it with sampler_options.")
@@ -249,14 +248,27 @@ def sample(model: MAGVITTransformer, params: Any, labels: Any, rng: jax.Array, o
     """Class-conditional generation: int32 ``[B, L]`` code ids (``L = t*h*w``) for ``labels [B]``.
 
     MaskGIT decoding over the whole grid (:func:`vqgen.generators.maskgit.sample`). A conditional
-    ``opts.task`` needs a condition clip: use :func:`sample_task` (``vqgen.train.video`` does).
+    ``opts.task`` needs a condition clip: use :func:`sample_task` (``vqgen.load_generator(...).sample``
+    with ``condition=`` does).
     """
     if isinstance(opts, SamplerOptions) and opts.task != "class":
         raise ValueError(
             f"sample.task={opts.task!r} needs a condition clip, which class-conditional sampling does not have; "
-            "use vqgen.generators.magvit.sample_task (or python -m vqgen.train.video) or set sample.task='class'."
+            "pass condition clips (vqgen.load_generator(workdir).sample(labels, rng, condition=clips)) or set sample.task='class'."
         )
     return maskgit.sample(model, params, labels, rng, _decode_opts(opts), return_history=return_history)
+
+
+def condition_inputs(model: MAGVITTransformer, opts: SamplerOptions, clips: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The condition of ``opts.task`` for ``clips [N, T, H, W, C]`` in [-1, 1]: ``(known_mask bool
+    [N, L], condition video float32 [N, T, H, W, C])``; tokenize the video with the tokenizer and
+    pass both to :func:`sample_task`. Raises ``ValueError`` on a clip of the wrong length."""
+    if np.ndim(clips) != 5:
+        raise ValueError(f"condition clips must be [N, T, H, W, C], got shape {np.shape(clips)}.")
+    magvit_tasks.validate_condition(opts.task, int(np.shape(clips)[1]), model.num_frames, opts.cond_frames)
+    known, video = magvit_tasks.task_condition(opts.task, jnp.asarray(clips, jnp.float32), model.grid,
+                                               cond_frames=opts.cond_frames)
+    return np.asarray(known), np.asarray(video)
 
 
 def sample_task(model: MAGVITTransformer, params: Any, labels: Any, rng: jax.Array, opts: Any,

@@ -73,6 +73,8 @@ import numpy as np
 
 from vqgen.generators import mask_schedules, sampling
 
+VIDEO = False  # the token grid is (h, w) (the generator protocol, vqgen/generators/__init__.py)
+
 Dtype = Any
 
 LAYERNORM_EPSILON = 1e-12  # BERT / MaskGIT
@@ -394,53 +396,39 @@ def loss_fn(model: MaskGITTransformer, params: Any, batch: dict, rng: jax.Array,
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerOptions:
+class SamplerOptions(sampling.SamplingOptions):
     """Static, hashable options of :func:`sample` (the random key is an argument).
+
+    The shared options (:class:`~vqgen.generators.sampling.SamplingOptions`: ``temperature``,
+    ``top_k``, ``top_p``, ``cfg_scale``, ``cfg_schedule`` over the steps, ``cfg_interval`` as
+    fractions of the steps; temperature 0 is greedy; guidance ``uncond + s * (cond - uncond)``),
+    plus:
 
     - ``num_steps``: decoding iterations T (at most the number of tokens).
     - ``choice_temperature``: scale of the Gumbel noise on confidences, annealed linearly to 0
       as ``choice_temperature * (1 - (t + 1) / T)`` (MaskGIT: 4.5).
-    - ``temperature``, ``top_k``, ``top_p``: token sampling (:mod:`vqgen.generators.sampling`;
-      temperature 0 is greedy).
-    - ``cfg_scale``, ``cfg_schedule`` (``'constant'`` or ``'linear'`` over the steps),
-      ``cfg_interval``: classifier-free guidance ``uncond + s * (cond - uncond)``; 1 = off.
     - ``mask_schedule``: how many tokens stay masked after each step (:mod:`mask_schedules`).
     """
 
     num_steps: int = 8
     choice_temperature: float = 4.5
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 1.0
-    cfg_schedule: str = "constant"
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
     mask_schedule: str = "cosine"
+
+    _UNIT = "step"
 
     def __post_init__(self):
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps={self.num_steps} must be at least 1; MaskGIT uses 8 to 16.")
         if self.choice_temperature < 0:
             raise ValueError(f"choice_temperature={self.choice_temperature} is negative; use 0 (no noise) or more.")
-        interval = sampling.check_options(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            cfg_schedule=self.cfg_schedule, cfg_interval=self.cfg_interval, unit="step")
+        super().__post_init__()
         mask_schedules.check_schedule(self.mask_schedule)
         object.__setattr__(self, "num_steps", int(self.num_steps))
-        object.__setattr__(self, "cfg_interval", interval)
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
 
 
-def sampler_options(cfg: dict) -> SamplerOptions:
-    """``config.sample`` (a plain dict) -> :class:`SamplerOptions`; unknown keys are ignored."""
-    fields = {f.name for f in dataclasses.fields(SamplerOptions)}
-    kw = {k: v for k, v in dict(cfg).items() if k in fields}
-    if "cfg_interval" in kw:
-        kw["cfg_interval"] = tuple(kw["cfg_interval"])
-    return SamplerOptions(**kw)
+def sampler_options(cfg: dict, **overrides: Any) -> SamplerOptions:
+    """``config.sample`` (a plain dict) -> :class:`SamplerOptions`; a key MaskGIT does not read is an error."""
+    return SamplerOptions.from_dict(cfg, "maskgit", **overrides)
 
 
 @flax.struct.dataclass

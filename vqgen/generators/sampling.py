@@ -4,10 +4,16 @@ numbers and every computation on logits is float32.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 CFG_SCHEDULES = ("constant", "linear")
+# Keys of a ``sample`` config section that the run reads (how many samples, in which batches,
+# which weights), not the sampler: every family's section holds them beside its options.
+RUN_KEYS = ("per_class", "batch_size", "use_ema")
 
 
 def check_options(*, temperature: float, top_k: int, top_p: float, cfg_schedule: str,
@@ -32,6 +38,68 @@ def check_options(*, temperature: float, top_k: int, top_p: float, cfg_schedule:
             f"use (0.0, 1.0) to guide every {unit}."
         )
     return interval
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling options every family shares (static and hashable; the key is an argument).
+
+    - ``temperature``: logits are divided by it; 0 means greedy argmax.
+    - ``top_k``: keep the k most likely tokens (0 = off); ``top_k=1`` is greedy.
+    - ``top_p``: nucleus mass in [0, 1] (1 = off, 0 = greedy).
+    - ``cfg_scale``: classifier-free guidance ``cond + (s - 1) * (cond - uncond)``; 1 = off
+      (then the unconditional batch is not run at all).
+    - ``cfg_schedule``: ``'constant'`` or ``'linear'`` (scale 1 at the first decoding step rising
+      to ``cfg_scale`` at the last), see :func:`cfg_scale_at`.
+    - ``cfg_interval``: ``(start, end)`` fractions of the decoding steps; step ``t`` of ``T`` is
+      guided only when ``start <= t / T < end``.
+
+    A family whose sampler has more options subclasses this dataclass (MaskGIT adds the number of
+    steps, the choice temperature and the mask schedule), so one family's options are never read
+    by another. :meth:`from_dict` builds the options from a config ``sample`` section and refuses
+    a key that the family does not read.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+
+    # What the CFG interval fractions count, in error messages ("token" or "step").
+    _UNIT = "token"
+
+    def __post_init__(self):
+        interval = check_options(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            cfg_schedule=self.cfg_schedule, cfg_interval=self.cfg_interval, unit=self._UNIT)
+        object.__setattr__(self, "cfg_interval", interval)
+        object.__setattr__(self, "top_k", int(self.top_k))
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The option names, i.e. the keys this family reads from a ``sample`` section."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, cfg: Any, family: str = "this", **overrides: Any):
+        """Options from a ``sample`` section (a dict; :data:`RUN_KEYS` are skipped) and overrides.
+
+        Raises ``ValueError`` naming the family when a key is not one of its options.
+        """
+        kw = {k: v for k, v in dict(cfg).items() if k not in RUN_KEYS}
+        kw.update(overrides)
+        unknown = sorted(set(kw) - set(cls.keys()))
+        if unknown:
+            raise ValueError(
+                f"sample.{unknown[0]} is not an option of the {family!r} generator; remove it (the "
+                f"{family!r} sampler reads {sorted(cls.keys())}, and every family reads {list(RUN_KEYS)}).")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()})
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:

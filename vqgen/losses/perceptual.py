@@ -142,6 +142,11 @@ def expected_param_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def abstract_params() -> dict[str, Any]:
+    """The LPIPS parameter tree as float32 ``jax.ShapeDtypeStruct``s (what a step is compiled for)."""
+    return unflatten_params({k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in expected_param_shapes().items()})
+
+
 def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
     """Nested LPIPS params -> flat ``{"conv1_1/kernel": array, "lin0": array, ...}``."""
     flat = {}

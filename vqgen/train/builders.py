@@ -1,14 +1,25 @@
 """From config sections to modules: a dict from name to constructor, nothing more.
 
-Modules receive explicit fields; only this file reads ConfigDicts.
+Modules receive explicit fields; only this file reads the model sections of a config. It also
+holds the one rule for what a tokenizer config produces, :func:`token_spec` (token grid,
+vocabulary, image or video), computed with ``jax.eval_shape`` from the config alone.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import json
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from vqgen.losses import adversarial
 from vqgen.train.common import dtype_from_name
 
 # name -> (module path, class name); imported lazily so a missing optional family costs nothing.
@@ -22,6 +33,13 @@ QUANTIZERS = {
 }
 
 
+# tokenizer.arch -> (module path, class name, whether it reads video clips [T, H, W, C]).
+TOKENIZERS = {
+    "vqgan": ("vqgen.tokenizers.vqgan", "VQGAN", False),
+    "magvit": ("vqgen.tokenizers.magvit", "MAGVIT", True),
+}
+
+
 def _to_plain(cfg: Any) -> dict:
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
@@ -30,7 +48,7 @@ def _to_plain(cfg: Any) -> dict:
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}.")
-    module, cls = table[name]
+    module, cls = table[name][:2]
     return getattr(importlib.import_module(module), cls)
 
 
@@ -46,21 +64,86 @@ def build_tokenizer(cfg: Any, channels: int) -> nn.Module:
     """``config.tokenizer`` -> a tokenizer module (``arch`` picks the family)."""
     kw = _to_plain(cfg)
     arch = kw.pop("arch")
+    cls = _lookup(TOKENIZERS, arch, "tokenizer arch")
     dtype = dtype_from_name(kw.pop("dtype", "float32"))
     quantizer = build_quantizer(kw.pop("quantizer"), dtype)
-    if arch == "vqgan":
-        from vqgen.tokenizers.vqgan import VQGAN
-        return VQGAN(in_channels=channels, out_channels=channels, quantizer=quantizer, dtype=dtype, **kw)
-    if arch == "magvit":
-        from vqgen.tokenizers.magvit import MAGVIT
-        return MAGVIT(in_channels=channels, out_channels=channels, quantizer=quantizer, dtype=dtype, **kw)
-    raise ValueError(f"unknown tokenizer arch {arch!r}; choose 'vqgan' or 'magvit'.")
+    return cls(in_channels=channels, out_channels=channels, quantizer=quantizer, dtype=dtype, **kw)
+
+
+def is_video(config) -> bool:
+    """Whether the config's tokenizer reads video clips (the one place this is decided)."""
+    arch = config.tokenizer.arch
+    if arch not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer arch {arch!r}; choose one of {sorted(TOKENIZERS)}.")
+    return TOKENIZERS[arch][2]
+
+
+def example_shape(config) -> tuple[int, ...]:
+    """Shape of one tokenizer input: ``(H, W, C)``, or ``(T, H, W, C)`` for a video tokenizer."""
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    image = (size, size, channels)
+    return (int(config.tokenizer.num_frames),) + image if is_video(config) else image
+
+
+def quantizer_codebook_size(q: nn.Module) -> int | None:
+    """Number of codes of a quantizer module, or None where it has no discrete codebook."""
+    size = getattr(q, "codebook_size", None)
+    if isinstance(size, (int, np.integer)):
+        return int(size)
+    levels = getattr(q, "levels", None)
+    return int(np.prod(levels)) if levels is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """What a tokenizer config produces per example.
+
+    Attributes:
+      grid: token-map shape, ``(h, w)`` for images or ``(t, h, w)`` for video.
+      vocab_size: number of codes (None for a tokenizer without a discrete codebook).
+      example: input shape ``(H, W, C)`` or ``(T, H, W, C)``.
+    """
+
+    grid: tuple[int, ...]
+    vocab_size: int | None
+    example: tuple[int, ...]
+
+    @property
+    def video(self) -> bool:
+        return len(self.example) == 4
+
+    @property
+    def num_frames(self) -> int | None:
+        return self.example[0] if self.video else None
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.grid)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_spec(tokenizer_json: str, channels: int, example: tuple[int, ...]) -> TokenSpec:
+    cfg = ml_collections.ConfigDict(json.loads(tokenizer_json))  # cached by its JSON
+    model = build_tokenizer(cfg, channels)
+    dummy = jax.ShapeDtypeStruct((1,) + example, jnp.float32)
+
+    def indices(rng, x):
+        rngs = {"params": rng, "dropout": rng, "codebook": rng, "quantizer": rng}
+        out, _ = model.init_with_output(rngs, x, method="encode")
+        return out.indices
+
+    shape = jax.eval_shape(indices, jax.random.key(0), dummy).shape
+    return TokenSpec(grid=tuple(int(s) for s in shape[1:]), vocab_size=quantizer_codebook_size(model.quantizer),
+                     example=example)
+
+
+def token_spec(config) -> TokenSpec:
+    """The token spec of ``config``'s tokenizer (``jax.eval_shape``: no weights, no devices)."""
+    return _token_spec(config.tokenizer.to_json(), int(config.data.channels), example_shape(config))
 
 
 def build_discriminator(cfg: Any, image_size: int) -> nn.Module | None:
     """``config.tokenizer_train.disc`` -> a discriminator, or None when ``type == 'none'``."""
-    from vqgen.losses import adversarial
-
     kind = cfg.type
     dtype = dtype_from_name(cfg.get("dtype", "float32"))
     if kind == "none":

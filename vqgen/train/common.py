@@ -22,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from PIL import Image
+from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqgen import parallel
+from vqgen.checkpoint import Checkpointer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -171,8 +174,6 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, image_hwc_uint8: np.ndarray) -> None:
-    from PIL import Image
-
     img = image_hwc_uint8
     if img.shape[-1] == 1:
         img = img[..., 0]
@@ -198,8 +199,6 @@ def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: C
     itself, so a resumed run sees the same keys. Raises :class:`Preempted` after saving when
     SIGTERM arrives.
     """
-    from tqdm.auto import tqdm
-
     show = parallel.is_main_process()
     bar = tqdm(total=loop.num_steps, initial=start_step, desc=loop.desc, disable=not show,
                dynamic_ncols=True, mininterval=2.0)
@@ -231,3 +230,209 @@ def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: C
     bar.close()
     checkpointer.wait()
     return state
+
+
+# ---------------------------------------------------------------------------------- phases
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One model to train, built from the config alone (no workdir, no weights, no devices).
+
+    ``vqgen.train.tokenizer.build(config)`` and ``vqgen.train.generator.build(config)`` return
+    one; :func:`train_phase` trains any of them, and ``launch/aot_compile.py``,
+    ``--mode=summary``, the benchmarks and the tests compile the very same step with
+    :func:`compile_phase`.
+
+    Attributes:
+      name: ``'tokenizer'`` or ``'generator'``; checkpoints go to ``<workdir>/checkpoints/<name>``.
+      init: ``rng -> state`` with ``nn.Partitioned``-boxed parameters (jit/eval_shape it).
+      step: the pure step ``(state, batch, rng, *frozen) -> (state, metrics)``; every model,
+        optimiser and loss setting it uses is bound in as a static argument. It folds the step
+        counter into ``rng`` itself, so a resumed run sees the same keys.
+      batch: the global batch, abstract (``jax.ShapeDtypeStruct`` per key).
+      frozen: abstract frozen inputs passed after the rng (the LPIPS weights of the tokenizer
+        phase), never closed over; ``load_frozen()`` gives their values.
+      load_frozen: returns the frozen inputs' values (reads weight files; called by the driver).
+      loop: loop settings (steps, logging, checkpoint and image intervals).
+      fingerprint: JSON of exactly the config sections that determine the state's structure;
+        a checkpoint written under another fingerprint is refused.
+      init_seed / step_seed: seeds of the initial parameters and of the per-step keys.
+      keep: how many checkpoints to keep.
+    """
+
+    name: str
+    init: Callable[[jax.Array], Any]
+    step: Callable[..., tuple[Any, dict]]
+    batch: dict[str, jax.ShapeDtypeStruct]
+    loop: LoopConfig
+    fingerprint: dict
+    init_seed: int
+    step_seed: int
+    keep: int = 2
+    frozen: tuple = ()
+    load_frozen: Callable[[], tuple] = tuple
+
+    def ckpt_dir(self, workdir: str) -> str:
+        return os.path.join(workdir, "checkpoints", self.name)
+
+    def checkpointer(self, workdir: str) -> Checkpointer:
+        return Checkpointer(self.ckpt_dir(workdir), save_every=self.loop.save_every, keep=self.keep,
+                            fingerprint=self.fingerprint)
+
+
+def abstract_state(phase: Phase, mesh, rules) -> tuple[Any, Any]:
+    """``(abstract state with shardings, shardings)`` of ``phase`` on ``mesh``; nothing is allocated."""
+    key = jax.random.key(phase.init_seed)  # made outside the mesh: compile-only devices hold no arrays
+    with parallel.mesh_context(mesh, rules):
+        boxed = jax.eval_shape(phase.init, key)
+        shardings = parallel.logical_to_sharding(boxed, mesh, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         parallel.unbox(boxed), shardings)
+    return state, shardings
+
+
+def step_args(phase: Phase, mesh, state: Any) -> tuple:
+    """Abstract ``(state, batch, rng, *frozen)`` of the phase's step on ``mesh`` (for ``lower``)."""
+    rep = replicated(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh, len(v.shape)))
+             for k, v in phase.batch.items()}
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), phase.frozen)
+    return (state, batch, rng, *frozen)
+
+
+def compile_phase(phase: Phase, mesh, shardings: Any, max_traces: int | None = 1):
+    """The phase's step jitted with explicit shardings and donation of the state.
+
+    ``max_traces`` guards against recompiles: tracing the returned function more often raises
+    ``AssertionError`` (the count belongs to this compiled step alone); None turns it off.
+    """
+    rep = replicated(mesh)
+    batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in phase.batch.items()}
+    frozen_sh = tuple(jax.tree.map(lambda _: rep, f) for f in phase.frozen)
+    fn = phase.step if max_traces is None else _trace_guard(phase.step, max_traces, phase.name)
+    return jax.jit(fn, in_shardings=(shardings, batch_sh, rep, *frozen_sh), out_shardings=(shardings, rep),
+                   donate_argnums=0)
+
+
+def _trace_guard(fn: Callable, limit: int, name: str) -> Callable:
+    """``fn`` that raises once it has been traced more than ``limit`` times (its body runs only
+    while jit traces it)."""
+    traces = 0
+
+    def traced(*args):
+        nonlocal traces
+        traces += 1
+        if traces > limit:
+            raise AssertionError(f"the {name} step was traced {traces} times (limit {limit}): an input changed "
+                                 "shape, dtype or sharding between steps.")
+        return fn(*args)
+
+    return traced
+
+
+def create_state(phase: Phase, mesh, rules) -> tuple[Any, Any]:
+    """A freshly initialised, sharded state of ``phase`` and its shardings."""
+    return sharded_init(phase.init, jax.random.key(phase.init_seed), mesh, rules)
+
+
+def restore_or_create(phase: Phase, ckpt: Checkpointer, mesh, rules, data_iter=None) -> tuple[Any, Any, int]:
+    """``(state, shardings, step)``: the latest checkpoint when there is one, else a new state."""
+    if ckpt.latest_step() is not None:
+        ckpt.check_compatible()  # before anything is allocated
+    state, shardings = create_state(phase, mesh, rules)
+    if ckpt.latest_step() is None:
+        return state, shardings, 0
+    state = ckpt.restore(state, data_iter)
+    return state, shardings, int(jax.device_get(state.step))
+
+
+def put_batch(batch: dict, mesh, keys) -> dict:
+    """The host batch's ``keys`` as global arrays sharded over the mesh's batch axes."""
+    return parallel.shard_batch({k: batch[k] for k in keys}, mesh)
+
+
+def train_phase(phase: Phase, *, workdir: str, mesh, rules, data_iter: Iterator,
+                on_images: Callable[[MetricWriter, int, Any], None] | None = None) -> Any:
+    """Trains ``phase`` to ``phase.loop.num_steps`` in ``workdir``, resuming from its last checkpoint.
+
+    The one driver of every phase: restore or initialise the sharded state, compile the step,
+    run :func:`run_loop` with the phase's frozen inputs, TensorBoard under
+    ``<workdir>/tb/<name>``, checkpoints under ``<workdir>/checkpoints/<name>``. Says where it
+    writes and the step it starts from. Returns the final state.
+    """
+    ckpt = phase.checkpointer(workdir)
+    try:
+        state, shardings, start = restore_or_create(phase, ckpt, mesh, rules, data_iter)
+        total = phase.loop.num_steps
+        if start >= total:
+            say(f"{phase.name}: already trained to step {start} in {ckpt.directory}")
+            return state
+        say(f"{phase.name}: {'resuming from step ' + str(start) if start else 'training from step 0'} "
+            f"to {total}; checkpoints in {ckpt.directory}")
+        writer = MetricWriter(os.path.join(workdir, "tb", phase.name))
+        frozen = tuple(phase.load_frozen())
+        keys = tuple(phase.batch)
+        with parallel.mesh_context(mesh, rules):
+            state = run_loop(
+                step_fn=compile_phase(phase, mesh, shardings), state=state, data_iter=data_iter,
+                put_batch=lambda b: put_batch(b, mesh, keys), rng=jax.random.key(phase.step_seed),
+                frozen=frozen, checkpointer=ckpt, loop=phase.loop, writer=writer, start_step=start,
+                on_images=None if on_images is None else (lambda step, st: on_images(writer, step, st)))
+        writer.close()
+    finally:
+        ckpt.close()
+    return state
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+def say(message: str) -> None:
+    """One line for the user on process 0 (where a run writes, what it resumes, where outputs went)."""
+    if parallel.is_main_process():
+        print(message, flush=True)
+
+
+def map_batches(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...] | np.ndarray, batch_size: int,
+                desc: str | None = None) -> Any:
+    """Applies ``fn`` to fixed-size batches of ``arrays`` and concatenates the results.
+
+    The last batch is padded by repeating its last row, so ``fn`` compiles for one shape only,
+    and the padded rows are cut from the result. ``fn`` gets one positional argument per array
+    and returns an array or a tuple of arrays; ``desc`` shows a progress bar with that label.
+    """
+    single = isinstance(arrays, np.ndarray) or not isinstance(arrays, (tuple, list))
+    arrays = (arrays,) if single else tuple(arrays)
+    n = len(arrays[0])
+    if n == 0:
+        raise ValueError("map_batches got no examples; check the data source and max_examples.")
+    outs: list = []
+    starts = range(0, n, batch_size)
+    for i in tqdm(starts, desc=desc, disable=not (desc and parallel.is_main_process()), leave=False):
+        chunk = [np.asarray(a[i:i + batch_size]) for a in arrays]
+        m = len(chunk[0])
+        if m < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - m, axis=0)]) for c in chunk]
+        out = fn(*chunk)
+        outs.append(tuple(np.asarray(o)[:m] for o in out) if isinstance(out, tuple) else np.asarray(out)[:m])
+    if isinstance(outs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outs))
+    return np.concatenate(outs)
+
+
+def update_report(workdir: str, section: str, values: dict[str, Any]) -> dict:
+    """Merges ``values`` under ``section`` into ``workdir/report.json`` (process 0 writes)."""
+    path = os.path.join(workdir, "report.json")
+    report = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+    report[section] = values
+    if parallel.is_main_process():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    return report

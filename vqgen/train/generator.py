@@ -1,38 +1,43 @@
-"""Generator training over a frozen tokenizer's tokens, sampling, and sample evaluation.
+"""The generator phase: a generator family trained over a frozen tokenizer's tokens, and sampling.
 
-1. The tokenizer (restored from ``checkpoints/tokenizer``) encodes the training split once into a
-   token cache in the workdir (``tokens/train.npz``; with ``flip_augment`` the mirrored images
-   too, as LlamaGen does). The cache is rebuilt when the tokenizer checkpoint changes.
-2. A generator family (``config.generator.arch``: ``gpt`` or ``maskgit``) trains on it with a
-   jitted, sharded, donated step, EMA weights, Orbax resume and TensorBoard.
-3. ``sample_to_workdir`` decodes ``sample.per_class`` samples per class through the tokenizer
-   into ``samples/samples.npz`` and ``samples/grid.png`` (one row per class).
-4. ``evaluate_workdir`` scores the samples with the digit judge (accuracy of the conditioning
-   class, judge FID) and, when given Inception weights and reference statistics, FID/IS.
+1. :func:`build` turns a config into a :class:`~vqgen.train.common.Phase` whose step is the
+   pure :func:`train_step` with the family's loss (``config.generator.arch`` picks the family of
+   :data:`vqgen.generators.FAMILIES`); the token grid and vocabulary come from
+   :func:`vqgen.train.builders.token_spec`, so no tokenizer weights are needed to build, compile
+   or count it.
+2. :func:`build_token_cache` encodes the training split once with the workdir's frozen tokenizer
+   into ``tokens/train.npz`` (with ``flip_augment`` the mirrored images too, as LlamaGen does);
+   it is rebuilt when the tokenizer checkpoint changes.
+3. :func:`load_generator` restores the trained weights as a :class:`TrainedGenerator`, which
+   samples token ids (class-conditional, or a family's conditional tasks from condition clips)
+   and decodes them through the tokenizer.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
-from vqgen import parallel
+from vqgen import generators, parallel
 from vqgen.checkpoint import Checkpointer
 from vqgen.data import tokens as token_data
-from vqgen.train import common
-from vqgen.train.tokenizer import TokenizerTrainer, quantizer_codebook_size
+from vqgen.train import builders, common
+from vqgen.train import tokenizer as tokenizer_lib
 
-FAMILIES = {"gpt": "vqgen.generators.gpt", "maskgit": "vqgen.generators.maskgit", "magvit": "vqgen.generators.magvit"}
+NAME = "generator"
 
 
 @flax.struct.dataclass
@@ -43,302 +48,255 @@ class GeneratorState:
     opt_state: Any
 
 
-def family_module(arch: str):
-    if arch not in FAMILIES:
-        raise ValueError(f"unknown generator arch {arch!r}; choose one of {sorted(FAMILIES)}.")
-    return importlib.import_module(FAMILIES[arch])
-
-
 def _plain(cfg) -> dict:
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
 
 
-class FrozenTokenizer:
-    """The trained tokenizer of a workdir: EMA params, encode to ids, decode ids to images."""
-
-    def __init__(self, config, workdir: str, mesh):
-        self.trainer = TokenizerTrainer(config, workdir, mesh=mesh)
-        ckpt = self.trainer.checkpointer()
-        try:
-            if ckpt.latest_step() is None:
-                raise FileNotFoundError(
-                    f"no tokenizer checkpoint in {self.trainer.ckpt_dir}; run --mode=train_tokenizer "
-                    "with this --workdir first (or --mode=all).")
-            state, _ = self.trainer.create_state()
-            state = ckpt.restore(state)
-        finally:
-            ckpt.close()
-        self.step = int(jax.device_get(state.step))
-        self.params = state.ema_params
-        self.model_state = state.model_state
-        self.model = self.trainer.model
-        self.vocab_size = quantizer_codebook_size(self.model.quantizer)
-        if self.vocab_size is None:
-            raise ValueError("the generator needs a tokenizer with a discrete codebook (vq, lfq, fsq, ibq).")
-        self._encode = jax.jit(lambda p, s, x: self.model.apply({"params": p, **s}, x, method="encode").indices)
-        self._decode = jax.jit(lambda p, s, i: jnp.clip(
-            self.model.apply({"params": p, **s}, i, method="decode_indices").astype(jnp.float32), -1, 1))
-
-    def encode(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size]
-            n = len(x)
-            if n < batch_size:
-                x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-            out.append(np.asarray(self._encode(self.params, self.model_state, jnp.asarray(x)))[:n])
-        return np.concatenate(out)
-
-    def decode(self, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self._decode(self.params, self.model_state, jnp.asarray(indices)))
+def build_model(config, spec: builders.TokenSpec | None = None) -> tuple[ModuleType, nn.Module]:
+    """``(family module, model)`` of ``config.generator`` over the config's token spec."""
+    spec = spec or builders.token_spec(config)
+    family = generators.family(config.generator.arch)
+    if spec.vocab_size is None:
+        raise ValueError("the generator needs a tokenizer with a discrete codebook (quantizer type vq, lfq, fsq, ibq).")
+    if family.VIDEO != spec.video:
+        kind = "video" if spec.video else "image"
+        raise ValueError(
+            f"generator.arch={config.generator.arch!r} models {'video' if family.VIDEO else 'image'} tokens but "
+            f"tokenizer.arch={config.tokenizer.arch!r} is an {kind} tokenizer; use "
+            f"{'magvit' if spec.video else 'gpt or maskgit'} as the generator.")
+    model = family.build(_plain(config.generator), vocab_size=spec.vocab_size,
+                         num_classes=int(config.data.num_classes), grid=spec.grid)
+    return family, model
 
 
-class GeneratorTrainer:
-    """Builds the generator of ``config.generator`` over the tokens of the workdir's tokenizer."""
-
-    def __init__(self, config, workdir: str, mesh=None, tokenizer: FrozenTokenizer | None = None):
-        self.config = config
-        self.workdir = workdir
-        self.mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
-        self.rules = parallel.rules_from_config(config.logical_rules)
-        gt = config.generator_train
-        parallel.check_batch_size(gt.batch_size, self.mesh)
-        self.tokenizer = tokenizer or FrozenTokenizer(config, workdir, self.mesh)
-        self.family = family_module(config.generator.arch)
-        self.num_classes = int(config.data.num_classes)
-        self.cache_path = os.path.join(workdir, "tokens", "train.npz")
-        self.grid = self._token_grid()
-        self.model = self.family.build(_plain(config.generator), vocab_size=self.tokenizer.vocab_size,
-                                       num_classes=self.num_classes, grid=self.grid)
-        self.tx = common.make_optimizer(
-            lr=gt.lr, num_steps=gt.num_steps, warmup_steps=gt.warmup_steps, schedule=gt.schedule,
-            weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip)
-        self.ckpt_dir = os.path.join(workdir, "checkpoints", "generator")
-
-    def _token_grid(self) -> tuple[int, ...]:
-        """Token-map shape of one example: ``(h, w)`` for images, ``(t, h, w)`` for video."""
-        dummy = self.tokenizer.trainer._dummy()
-        shape = jax.eval_shape(lambda x: self.tokenizer.model.apply(
-            {"params": self.tokenizer.params, **self.tokenizer.model_state}, x, method="encode").indices,
-            dummy).shape
-        return tuple(int(s) for s in shape[1:])
-
-    # ------------------------------------------------------------------------ tokens
-    def build_token_cache(self, max_examples: int | None = None) -> str:
-        """Encodes the training split once (and its mirror with ``flip_augment``); cached.
-
-        ``max_examples`` encodes only the first examples of the split (e.g. a few hundred video
-        clips, where the whole split takes many CPU minutes through a 3D tokenizer). A cache made
-        from the same tokenizer step is reused as is, whatever its size.
-        """
-        if token_data.cache_tokenizer_step(self.cache_path) == self.tokenizer.step:
-            return self.cache_path
-        from vqgen import data as vdata
-
-        dc = self.config.data
-        num_frames = getattr(self.tokenizer.model, "num_frames", None) or 16
-        source = vdata.make_source(dc.source, "train", image_size=dc.image_size,
-                                   data_dir=dc.data_dir or None, num_frames=int(num_frames), seed=self.config.seed)
-        arrays = vdata.eval_arrays(source, max_examples=max_examples or None)
-        t0 = time.perf_counter()
-        views = [arrays["image"]]
-        if self.config.generator_train.flip_augment:
-            views.append(arrays["image"][..., ::-1, :])  # mirror the width axis (images and video)
-        bs = self.config.generator_train.batch_size
-        tokens = np.stack([self.tokenizer.encode(v, bs).reshape(len(v), -1) for v in views], axis=1)
-        if parallel.is_main_process():
-            token_data.write_token_cache(self.cache_path, tokens, arrays["label"], self.grid, self.tokenizer.step)
-        logging.info("tokenised %d images (%d views) in %.1fs -> %s", len(tokens), len(views),
-                     time.perf_counter() - t0, self.cache_path)
-        return self.cache_path
-
-    # ------------------------------------------------------------------------- state
-    def init_state(self, rng: jax.Array) -> GeneratorState:
-        params = self.family.init_params(self.model, rng)
-        return GeneratorState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                              opt_state=self.tx.init(params))
-
-    def create_state(self):
-        return common.sharded_init(self.init_state, jax.random.key(self.config.seed + 7), self.mesh, self.rules)
-
-    def train_step(self, state: GeneratorState, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(
-            lambda p: self.family.loss_fn(self.model, p, batch, rng), has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-        ema = common.ema_update(state.ema_params, params, self.config.generator_train.ema_decay)
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in {"loss": loss, **metrics}.items()}
-        return GeneratorState(state.step + 1, params, ema, opt_state), metrics
-
-    def compiled_step(self, shardings, max_traces: int = 1):
-        rep = common.replicated(self.mesh)
-        batch_sh = {"tokens": parallel.batch_sharding(self.mesh, 2), "label": parallel.batch_sharding(self.mesh, 1)}
-        fn = chex.assert_max_traces(n=max_traces)(self.train_step)
-        return jax.jit(fn, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep), donate_argnums=0)
-
-    def fingerprint(self) -> dict:
-        return {"generator": json.loads(self.config.generator.to_json()), "vocab_size": self.tokenizer.vocab_size,
-                "grid": list(self.grid), "num_classes": self.num_classes}
-
-    def checkpointer(self) -> Checkpointer:
-        gt = self.config.generator_train
-        return Checkpointer(self.ckpt_dir, save_every=gt.save_every, keep=gt.keep, fingerprint=self.fingerprint())
-
-    def put_batch(self, batch):
-        return parallel.shard_batch({"tokens": batch["tokens"], "label": batch["label"]}, self.mesh)
-
-    def train(self) -> GeneratorState:
-        gt = self.config.generator_train
-        source = token_data.TokenSource(self.build_token_cache())
-        data_iter = token_data.make_token_pipeline(source, global_batch_size=gt.batch_size, seed=self.config.seed)
-        ckpt = self.checkpointer()
-        try:
-            state, shardings = self.create_state()
-            start = 0
-            if ckpt.latest_step() is not None:
-                state = ckpt.restore(state, data_iter)
-                start = int(jax.device_get(state.step))
-            if start < gt.num_steps:
-                logging.info("training the generator from step %d to %d", start, gt.num_steps)
-                writer = common.MetricWriter(os.path.join(self.workdir, "tb", "generator"))
-                with parallel.mesh_context(self.mesh, self.rules):
-                    state = common.run_loop(
-                        step_fn=self.compiled_step(shardings), state=state, data_iter=data_iter,
-                        put_batch=self.put_batch, rng=jax.random.key(self.config.seed + 2), frozen=(),
-                        checkpointer=ckpt, writer=writer, start_step=start,
-                        loop=common.LoopConfig(num_steps=gt.num_steps, log_every=gt.log_every,
-                                               save_every=gt.save_every, image_every=gt.image_every,
-                                               desc="generator"),
-                        on_images=lambda step, st: writer.image(step, "samples", common.image_grid(
-                            self.sample_images(st.ema_params, np.arange(self.num_classes), step)[0])))
-                writer.close()
-        finally:
-            ckpt.close()
-        return state
-
-    def restore(self) -> GeneratorState:
-        ckpt = self.checkpointer()
-        try:
-            if ckpt.latest_step() is None:
-                raise FileNotFoundError(f"no generator checkpoint in {self.ckpt_dir}; run --mode=train_generator first.")
-            state, _ = self.create_state()
-            return ckpt.restore(state)
-        finally:
-            ckpt.close()
-
-    # ------------------------------------------------------------------------ sample
-    def sampler_options(self):
-        return self.family.sampler_options(_plain(self.config.sample))
-
-    def sample_images(self, params, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Samples one image per label: ``(uint8 images [N,H,W,C], token ids [N, ...])``."""
-        opts = self.sampler_options()
-        with parallel.mesh_context(self.mesh, self.rules):
-            toks = self.family.sample(self.model, params, jnp.asarray(labels, jnp.int32),
-                                      jax.random.key(seed), opts)
-        toks = np.asarray(toks).reshape((len(labels),) + self.grid)
-        return common.to_uint8(self.tokenizer.decode(toks)), toks
+def train_step(state: GeneratorState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
+               tx: optax.GradientTransformation, ema_decay: float) -> tuple[GeneratorState, dict]:
+    """One update with ``loss_fn(params, batch, rng) -> (loss, metrics)`` (the family's loss)."""
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    ema = common.ema_update(state.ema_params, params, ema_decay)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in {"loss": loss, **metrics}.items()}
+    return GeneratorState(state.step + 1, params, ema, opt_state), metrics
 
 
-def token_grid_from_config(config) -> tuple[int, ...]:
-    """Token-map shape of one example for the config's tokenizer (``jax.eval_shape``, no weights)."""
-    trainer = TokenizerTrainer(config, workdir="/nonexistent")
-    dummy = trainer._dummy()
-
-    def indices(rng):
-        rngs = {"params": rng, "dropout": rng, "codebook": rng, "quantizer": rng}
-        out, _ = trainer.model.init_with_output(rngs, dummy, method="encode")
-        return out.indices
-
-    return tuple(int(s) for s in jax.eval_shape(indices, jax.random.key(0)).shape[1:])
+def init_state(rng: jax.Array, *, init_params: Callable, tx: optax.GradientTransformation) -> GeneratorState:
+    params = init_params(rng)
+    return GeneratorState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
 
 
-def generator_param_count(config) -> int:
-    family = family_module(config.generator.arch)
-    model = family.build(_plain(config.generator), vocab_size=_vocab_from_config(config),
-                         num_classes=config.data.num_classes, grid=token_grid_from_config(config))
-    abstract = jax.eval_shape(lambda r: family.init_params(model, r), jax.random.key(0))
-    return common.count_params(abstract)
+def fingerprint(config, spec: builders.TokenSpec) -> dict:
+    """What determines the generator's weights: its section, the vocabulary, grid and classes."""
+    return {"generator": json.loads(config.generator.to_json()), "vocab_size": spec.vocab_size,
+            "grid": list(spec.grid), "num_classes": int(config.data.num_classes)}
 
 
-def _vocab_from_config(config) -> int:
-    q = config.tokenizer.quantizer
-    if "codebook_size" in q:
-        return int(q.codebook_size)
-    if "levels" in q:
-        return int(np.prod(q.levels))
-    return 2 ** int(config.tokenizer.embed_dim)
+def build(config) -> common.Phase:
+    """The generator phase of ``config`` (reads ``seed``, ``data``, ``tokenizer``, ``generator``,
+    ``generator_train``); needs no tokenizer weights."""
+    gt = config.generator_train
+    spec = builders.token_spec(config)
+    family, model = build_model(config, spec)
+    tx = common.make_optimizer(
+        lr=gt.lr, num_steps=gt.num_steps, warmup_steps=gt.warmup_steps, schedule=gt.schedule,
+        weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip)
+    bs = int(gt.batch_size)
+    return common.Phase(
+        name=NAME,
+        init=functools.partial(init_state, init_params=functools.partial(family.init_params, model), tx=tx),
+        step=functools.partial(train_step, loss_fn=functools.partial(family.loss_fn, model), tx=tx,
+                               ema_decay=float(gt.ema_decay)),
+        batch={"tokens": jax.ShapeDtypeStruct((bs, spec.seq_len), jnp.int32),
+               "label": jax.ShapeDtypeStruct((bs,), jnp.int32)},
+        loop=common.LoopConfig(num_steps=int(gt.num_steps), log_every=int(gt.log_every), save_every=int(gt.save_every),
+                               image_every=int(gt.image_every), desc=NAME),
+        fingerprint=fingerprint(config, spec), init_seed=int(config.seed) + 7, step_seed=int(config.seed) + 2,
+        keep=int(gt.keep))
 
 
-def train_generator(config, workdir: str) -> dict:
-    from vqgen.train.run import update_report
-
-    trainer = GeneratorTrainer(config, workdir)
-    state = trainer.train()
-    metrics = {"steps": int(jax.device_get(state.step)), "params": common.count_params(state.params)}
-    update_report(workdir, "generator", metrics)
-    return metrics
+# ---------------------------------------------------------------------------- tokens
 
 
-def sample_to_workdir(config, workdir: str, trainer: GeneratorTrainer | None = None) -> str:
-    """Writes ``samples/samples.npz`` (uint8 images, int32 labels) and ``samples/grid.png``."""
-    from tqdm.auto import tqdm
+def cache_path(workdir: str) -> str:
+    return os.path.join(workdir, "tokens", "train.npz")
 
-    from vqgen.train.run import update_report
 
-    trainer = trainer or GeneratorTrainer(config, workdir)
-    state = trainer.restore()
-    sc = config.sample
-    params = state.ema_params if sc.use_ema else state.params
-    labels = np.repeat(np.arange(trainer.num_classes, dtype=np.int32), sc.per_class)
-    images, t0 = [], time.perf_counter()
-    bs = sc.batch_size
-    for i in tqdm(range(0, len(labels), bs), desc="sample", disable=not parallel.is_main_process()):
-        lab = labels[i:i + bs]
-        n = len(lab)
-        if n < bs:
-            lab = np.concatenate([lab, np.zeros(bs - n, np.int32)])
-        imgs, _ = trainer.sample_images(params, lab, seed=config.seed * 1000 + 17 + i)
-        images.append(imgs[:n])
-    seconds = time.perf_counter() - t0
-    images = np.concatenate(images)
-    out_dir = os.path.join(workdir, "samples")
-    path = os.path.join(out_dir, "samples.npz")
+def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenTokenizer,
+                      max_examples: int | None = None, path: str | None = None) -> str:
+    """Encodes the training split once (and its mirror with ``flip_augment``); cached.
+
+    ``max_examples`` encodes only the first examples of the split (e.g. a few hundred video
+    clips, where the whole split takes many CPU minutes through a 3D tokenizer); it defaults to
+    ``config.video.cache_clips`` where the config has a ``video`` section. A cache made from the
+    same tokenizer step is reused as is, whatever its size.
+    """
+    path = path or cache_path(workdir)
+    if token_data.cache_tokenizer_step(path) == tokenizer.step:
+        return path
+    if max_examples is None and "video" in config:
+        max_examples = int(config.video.cache_clips) or None
+    arrays = tokenizer_lib.eval_images(config, "train", max_examples)
+    t0 = time.perf_counter()
+    views = [arrays["image"]]
+    if config.generator_train.flip_augment:
+        views.append(arrays["image"][..., ::-1, :])  # mirror the width axis (images and video)
+    tokens = np.stack([tokenizer.encode(v, desc="tokenise").reshape(len(v), -1) for v in views], axis=1)
     if parallel.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
-        np.savez(path, images=images, labels=labels)
-        per_row = min(sc.per_class, 10)
-        rows = np.concatenate([images[labels == c][:per_row] for c in range(trainer.num_classes)])
-        common.save_png(os.path.join(out_dir, "grid.png"), common.image_grid(rows, rows=trainer.num_classes))
-    update_report(workdir, "sampling", {"num_samples": int(len(images)), "seconds": seconds,
-                                        "seconds_per_image": seconds / len(images)})
+        token_data.write_token_cache(path, tokens, arrays["label"], tokenizer.spec.grid, tokenizer.step)
+    logging.info("tokenised %d examples (%d views) in %.1fs -> %s", len(tokens), len(views),
+                 time.perf_counter() - t0, path)
     return path
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-    """Scores ``samples/samples.npz`` with the digit judge (and Inception when configured)."""
-    from vqgen.train.run import update_report
+def make_data(config, path: str):
+    """The shuffled, repeated token stream of the cache at ``path`` (its state is checkpointed)."""
+    source = token_data.TokenSource(path)
+    return token_data.make_token_pipeline(source, global_batch_size=config.generator_train.batch_size,
+                                          seed=config.seed)
 
-    path = os.path.join(workdir, "samples", "samples.npz")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no samples at {path}; run --mode=sample first.")
-    with np.load(path) as f:
-        images, labels = f["images"], f["labels"]
-    ec = config.evaluate
-    metrics: dict[str, Any] = {}
-    if ec.judge and config.data.source == "mnist":
-        from vqgen.evaluation import judge as judge_lib
 
-        judge = judge_lib.load_or_train_judge(os.path.join(workdir, "judge"), seed=config.seed)
-        metrics.update(judge_lib.judge_metrics(judge, images, labels))
-        metrics["judge_test_accuracy"] = float(judge.accuracy)
-    if ec.inception_path and ec.reference_stats:
-        from vqgen.evaluation import fid as fid_lib
+# --------------------------------------------------------------------------- sampling
 
-        metrics.update(fid_lib.evaluate_files(path, ec.reference_stats, inception_path=ec.inception_path,
-                                              batch_size=ec.batch_size))
-    update_report(workdir, "samples", metrics)
-    print(json.dumps({"samples": metrics}), flush=True)
-    return metrics
+
+@dataclasses.dataclass
+class TrainedGenerator:
+    """A generator's weights with what samples from them: family, model, options, tokenizer.
+
+    ``tokenizer`` may be None (a workdir without one): then token ids can be sampled but not
+    decoded or conditioned on clips.
+    """
+
+    config: Any
+    family: ModuleType
+    model: nn.Module
+    params: Any
+    spec: builders.TokenSpec
+    tokenizer: tokenizer_lib.FrozenTokenizer | None
+    mesh: Any
+    rules: Any
+    step: int
+
+    def options(self, **overrides: Any):
+        """The family's sampler options: the config's ``sample`` section with ``overrides``."""
+        return self.family.sampler_options(_plain(self.config.sample), **overrides)
+
+    def _need_tokenizer(self, what: str) -> tokenizer_lib.FrozenTokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs the tokenizer, and this workdir has none; train one with "
+                             "--mode=train_tokenizer or load a workdir that holds checkpoints/tokenizer.")
+        return self.tokenizer
+
+    def sample_tokens(self, labels: Any, rng: jax.Array, *, condition: np.ndarray | None = None,
+                      batch_size: int | None = None, **options: Any) -> np.ndarray:
+        """int32 token ids ``[N, *grid]`` for class ids ``labels [N]``.
+
+        ``condition``: float clips in [-1, 1] ``[N, T, H, W, C]`` for a conditional task of the
+        family (``task=...``, e.g. MAGVIT's frame prediction); their condition region is
+        tokenised and kept. Batches of ``batch_size`` (default ``sample.batch_size``) use the keys
+        ``fold_in(rng, i)`` for batch ``i``.
+        """
+        opts = self.options(**options)
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        bs = int(batch_size or self.config.sample.batch_size)
+        task = getattr(opts, "task", "class")
+        counter = iter(range(len(labels)))
+
+        def keys():
+            return jax.random.fold_in(rng, next(counter))
+
+        if task == "class":
+            if condition is not None:
+                raise ValueError("condition clips were given but the task is 'class'; pass task='frame_prediction' "
+                                 "(or another task of the family) or drop condition.")
+
+            def run(lab):
+                with parallel.mesh_context(self.mesh, self.rules):
+                    return self.family.sample(self.model, self.params, jnp.asarray(lab), keys(), opts)
+
+            tokens = common.map_batches(run, labels, bs)
+        else:
+            if not generators.has_tasks(self.family):
+                raise ValueError(f"the {self.config.generator.arch!r} generator samples class-conditionally only; "
+                                 "use task='class'.")
+            if condition is None:
+                raise ValueError(f"task {task!r} needs condition clips: pass condition=[N, T, H, W, C] in [-1, 1].")
+            if len(condition) != len(labels):
+                raise ValueError(f"got {len(condition)} condition clips for {len(labels)} labels; pass one clip per label.")
+            known, video = self.family.condition_inputs(self.model, opts, np.asarray(condition, np.float32))
+            ctoks = self._need_tokenizer(f"task {task!r}").encode(video).reshape(len(video), -1)
+
+            def run(lab, tok, msk):
+                with parallel.mesh_context(self.mesh, self.rules):
+                    return self.family.sample_task(self.model, self.params, jnp.asarray(lab), keys(), opts,
+                                                   tok, msk)
+
+            tokens = common.map_batches(run, (labels, ctoks, known), bs)
+        return np.asarray(tokens, np.int32).reshape((len(labels),) + tuple(self.spec.grid))
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 images in [-1, 1] of token ids ``[N, *grid]``."""
+        return self._need_tokenizer("decoding tokens to images").decode(tokens)
+
+
+def _restore_params(config, workdir: str, mesh, rules, model, family, spec, use_ema: bool) -> tuple[Any, int]:
+    """The generator's (EMA) parameters from the workdir, sharded on ``mesh``; nothing else is read."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", NAME), save_every=1, keep=1,
+                        fingerprint=fingerprint(config, spec))
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no generator checkpoint in {ckpt.directory}; run --mode=train_generator first.")
+        ckpt.check_compatible()
+        with parallel.mesh_context(mesh, rules):
+            boxed = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
+            shardings = parallel.logical_to_sharding(boxed, mesh, rules)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              parallel.unbox(boxed), shardings)
+        field = "ema_params" if use_ema else "params"
+        restored, meta = ckpt.restore_subset({field: target})
+    finally:
+        ckpt.close()
+    return restored[field], int(meta["step"])
+
+
+def load_generator(config, workdir: str, mesh=None, *, use_ema: bool | None = None,
+                   tokenizer: tokenizer_lib.FrozenTokenizer | None | bool = True) -> TrainedGenerator:
+    """The workdir's trained generator (EMA weights unless ``use_ema=False`` or ``sample.use_ema``
+    says otherwise) with its tokenizer when the workdir has one (``tokenizer=False``: none)."""
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
+    spec = builders.token_spec(config)
+    family, model = build_model(config, spec)
+    use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
+    params, step = _restore_params(config, workdir, mesh, rules, model, family, spec, use_ema)
+    if tokenizer is True:
+        has = os.path.isdir(os.path.join(workdir, "checkpoints", tokenizer_lib.NAME))
+        tokenizer = tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh) if has else None
+    return TrainedGenerator(config=config, family=family, model=model, params=params, spec=spec,
+                            tokenizer=tokenizer or None, mesh=mesh, rules=rules, step=step)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config, workdir: str, mesh=None, tokenizer: tokenizer_lib.FrozenTokenizer | None = None) -> GeneratorState:
+    """Trains the generator phase in ``workdir`` (resuming) over the tokens of its tokenizer."""
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
+    parallel.check_batch_size(config.generator_train.batch_size, mesh)
+    phase = build(config)  # before the tokenizer: a bad generator config fails without reading weights
+    tokenizer = tokenizer or tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh)
+    data_iter = make_data(config, build_token_cache(config, workdir, tokenizer))
+    family, model = build_model(config, tokenizer.spec)
+    num_classes = int(config.data.num_classes)
+
+    def on_images(writer, step, state):
+        gen = TrainedGenerator(config=config, family=family, model=model, params=state.ema_params,
+                               spec=tokenizer.spec, tokenizer=tokenizer, mesh=mesh, rules=rules, step=step)
+        tokens = gen.sample_tokens(np.arange(num_classes), jax.random.key(step), batch_size=num_classes)
+        images = gen.decode(tokens)
+        writer.image(step, "samples", common.image_grid(images if images.ndim == 4 else images[:, 0]))
+
+    return common.train_phase(phase, workdir=workdir, mesh=mesh, rules=rules, data_iter=data_iter,
+                              on_images=on_images)

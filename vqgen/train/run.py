@@ -1,31 +1,39 @@
-"""What each ``--mode`` of the command line does, as importable functions."""
+"""What each ``--mode`` of the command line does, as importable functions.
+
+Every family and phase goes through here: ``train_tokenizer``, ``train_generator``, ``sample``
+(class-conditional samples, or a family's conditional task on held-out clips, e.g. MAGVIT's frame
+prediction), ``evaluate`` (the digit judge and FID for images, PSNR against baselines for
+frame prediction), ``summary`` and ``all``.
+"""
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from vqgen import parallel
-from vqgen.train import common
+from vqgen.evaluation import fid as fid_lib
+from vqgen.evaluation import judge as judge_lib
+from vqgen.evaluation import video as video_eval
+from vqgen.train import builders, common
+from vqgen.train import generator as generator_lib
+from vqgen.train import tokenizer as tokenizer_lib
+
+MODES = ("train_tokenizer", "train_generator", "sample", "evaluate", "summary", "all")
+ALL = ("train_tokenizer", "train_generator", "sample", "evaluate")
 
 
-def update_report(workdir: str, section: str, values: dict[str, Any]) -> dict:
-    """Merges ``values`` under ``section`` into ``workdir/report.json`` (process 0 writes)."""
-    path = os.path.join(workdir, "report.json")
-    report = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            report = json.load(f)
-    report[section] = values
-    if parallel.is_main_process():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    return report
+def check_workdir(workdir: str | None) -> None:
+    """A clear error for a missing ``--workdir`` or one that names a file."""
+    if not workdir:
+        raise ValueError("--workdir is required, e.g. --workdir=runs/quickstart.")
+    if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file; pass a directory (it is created when missing).")
 
 
 def write_config(config, workdir: str) -> None:
@@ -35,63 +43,171 @@ def write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train_tokenizer(config, workdir: str) -> dict:
-    from vqgen.train.tokenizer import TokenizerTrainer
+def _report(workdir: str, section: str, metrics: dict) -> None:
+    common.update_report(workdir, section, metrics)
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    print(json.dumps({section: shown}), flush=True)
 
-    trainer = TokenizerTrainer(config, workdir)
-    state = trainer.train()
-    metrics = trainer.evaluate(state)
+
+def train_tokenizer(config, workdir: str, mesh=None) -> dict:
+    """Trains (or resumes) the tokenizer, then scores its EMA weights on the held-out split."""
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    state = tokenizer_lib.train(config, workdir, mesh)
+    metrics = tokenizer_lib.evaluate(config, tokenizer_lib.frozen_from_state(config, state, mesh))
     metrics["steps"] = int(jax.device_get(state.step))
-    update_report(workdir, "tokenizer", metrics)
-    logging.info("tokenizer: %s", metrics)
-    print(json.dumps({"tokenizer": metrics}), flush=True)
+    _report(workdir, "tokenizer", metrics)
+    return metrics
+
+
+def train_generator(config, workdir: str, mesh=None) -> dict:
+    """Trains (or resumes) the generator over the tokens of the workdir's tokenizer."""
+    state = generator_lib.train(config, workdir, mesh)
+    metrics = {"steps": int(jax.device_get(state.step)), "params": common.count_params(state.params)}
+    _report(workdir, "generator", metrics)
+    return metrics
+
+
+def _save_samples(workdir: str, arrays: dict[str, np.ndarray], grid: np.ndarray) -> str:
+    out_dir = os.path.join(workdir, "samples")
+    path = os.path.join(out_dir, "samples.npz")
+    if parallel.is_main_process():
+        os.makedirs(out_dir, exist_ok=True)
+        np.savez(path, **arrays)
+        common.save_png(os.path.join(out_dir, "grid.png"), grid)
+    return path
+
+
+def _frames_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """One row of frames per clip ``[T, H, W, C]`` (uint8)."""
+    strip = np.concatenate(rows)  # [R*T, H, W, C]
+    return common.image_grid(strip, rows=len(rows))
+
+
+def sample(config, workdir: str, mesh=None) -> str:
+    """Writes ``samples/samples.npz`` and ``samples/grid.png``.
+
+    Class-conditional (``sample.task`` absent or ``'class'``): ``sample.per_class`` samples of
+    every class, ``images`` uint8 ``[N, H, W, C]`` (video ``[N, T, H, W, C]``) and ``labels``;
+    the grid shows one row per class. A conditional task (MAGVIT's ``frame_prediction``, ...):
+    the first ``video.eval_clips`` held-out clips are completed; the file also holds
+    ``ground_truth`` and ``cond_frames``, the grid alternates truth and prediction rows.
+    """
+    gen = generator_lib.load_generator(config, workdir, mesh)
+    opts = gen.options()
+    task = getattr(opts, "task", "class")
+    rng = jax.random.key(config.seed * 1000 + 17)
+    t0 = time.perf_counter()
+    if task == "class":
+        labels = np.repeat(np.arange(int(config.data.num_classes), dtype=np.int32), int(config.sample.per_class))
+        images = common.to_uint8(gen.decode(gen.sample_tokens(labels, rng)))
+        per_row = min(int(config.sample.per_class), 10)
+        picks = [images[labels == c][:per_row] for c in range(int(config.data.num_classes))]
+        if images.ndim == 5:  # video: the frames of each class's first sample
+            grid = _frames_grid([p[0] for p in picks])
+        else:
+            grid = common.image_grid(np.concatenate(picks), rows=len(picks))
+        arrays = {"images": images, "labels": labels}
+    else:
+        num = int(config.video.eval_clips) if "video" in config else int(config.data.eval_examples)
+        held_out = tokenizer_lib.eval_images(config, "test", num)
+        clips, labels = held_out["image"], held_out["label"].astype(np.int32)
+        tokens = gen.sample_tokens(labels, rng, condition=clips)
+        images = common.to_uint8(gen.decode(tokens))
+        truth = common.to_uint8(clips)
+        k = min(4, len(clips))
+        grid = _frames_grid([row for i in range(k) for row in (truth[i], images[i])])
+        arrays = {"images": images, "labels": labels, "ground_truth": truth,
+                  "task": np.asarray(task), "cond_frames": np.int32(opts.cond_frames)}
+    seconds = time.perf_counter() - t0
+    path = _save_samples(workdir, arrays, grid)
+    common.update_report(workdir, "sampling", {
+        "task": task, "num_samples": int(len(images)), "seconds": seconds,
+        "seconds_per_sample": seconds / len(images), "options": {k: v for k, v in vars(opts).items()}})
+    common.say(f"samples: {len(images)} written to {path} (grid: {os.path.join(os.path.dirname(path), 'grid.png')})")
+    return path
+
+
+def evaluate(config, workdir: str, mesh=None) -> dict:
+    """Scores ``samples/samples.npz``: frame-prediction PSNR for video tasks; for images the digit
+    judge (on the embedded digits) and FID/IS when Inception weights and statistics are configured."""
+    path = os.path.join(workdir, "samples", "samples.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no samples at {path}; run --mode=sample first.")
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    if "ground_truth" in arrays:
+        return _evaluate_video_task(config, workdir, arrays, mesh)
+    images, labels = arrays["images"], arrays["labels"]
+    ec = config.evaluate
+    metrics: dict[str, Any] = {}
+    if ec.judge and config.data.source == "mnist" and images.ndim == 4:
+        judge = judge_lib.load_or_train_judge(os.path.join(workdir, "judge"), seed=config.seed)
+        metrics.update(judge_lib.judge_metrics(judge, images, labels))
+        metrics["judge_test_accuracy"] = float(judge.accuracy)
+    if ec.inception_path and ec.reference_stats:
+        metrics.update(fid_lib.evaluate_files(path, ec.reference_stats, inception_path=ec.inception_path,
+                                              batch_size=ec.batch_size))
+    if not metrics:
+        logging.warning("no metric applies to these samples: set evaluate.inception_path and evaluate.reference_stats "
+                        "for FID/IS.")
+    _report(workdir, "samples", metrics)
+    return metrics
+
+
+def _evaluate_video_task(config, workdir: str, arrays: dict, mesh) -> dict:
+    task = str(arrays["task"])
+    if task != "frame_prediction":
+        raise ValueError(f"samples of task {task!r} have no score yet; sample frame_prediction "
+                         "(--config.sample.task=frame_prediction) to score it.")
+    truth = arrays["ground_truth"].astype(np.float32) / 127.5 - 1.0
+    prediction = arrays["images"].astype(np.float32) / 127.5 - 1.0
+    tokenizer = tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh)
+    reconstruction, _ = tokenizer.reconstruct(truth)
+    metrics = video_eval.frame_prediction_metrics(prediction, truth, int(arrays["cond_frames"]), reconstruction)
+    _report(workdir, "video", metrics)
     return metrics
 
 
 def summary(config) -> dict:
-    from vqgen.train.tokenizer import TokenizerTrainer
-
+    """Prints each model's parameter count (``jax.eval_shape``: nothing is allocated) and, last,
+    one JSON line ``{"tokenizer_params": N, "generator_params": M}``."""
     counts = {}
     if "tokenizer" in config:
-        trainer = TokenizerTrainer(config, workdir="/nonexistent")
-        abstract = jax.eval_shape(trainer.init_state, jax.random.key(0))
-        counts["tokenizer_params"] = common.count_params(abstract.params)
+        phase = tokenizer_lib.build(config)
+        counts["tokenizer_params"] = common.count_params(jax.eval_shape(phase.init, jax.random.key(0)).params)
         print(f"tokenizer ({config.tokenizer.arch}): {counts['tokenizer_params']:,} parameters")
     if "generator" in config:
-        from vqgen.train.generator import generator_param_count
-
-        counts["generator_params"] = generator_param_count(config)
-        print(f"generator ({config.generator.arch}): {counts['generator_params']:,} parameters")
+        family, model = generator_lib.build_model(config)
+        counts["generator_params"] = common.count_params(
+            jax.eval_shape(lambda r: family.init_params(model, r), jax.random.key(0)))
+        spec = builders.token_spec(config)
+        print(f"generator ({config.generator.arch}, {spec.seq_len} tokens of {spec.vocab_size} codes on a "
+              f"{'x'.join(map(str, spec.grid))} grid): {counts['generator_params']:,} parameters")
     print(json.dumps(counts), flush=True)
     return counts
 
 
 def run(config, workdir: str | None, mode: str) -> int:
     """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode={mode!r}; use one of {MODES}.")
     if mode == "summary":
         summary(config)
         return 0
+    check_workdir(workdir)
     write_config(config, workdir)
-    phases = {
-        "all": ("train_tokenizer", "train_generator", "sample", "evaluate"),
-    }.get(mode, (mode,))
+    common.say(f"workdir: {os.path.abspath(workdir) if '://' not in workdir else workdir}")
+    mesh = parallel.create_mesh(tuple(config.mesh_shape))
+    steps = {"train_tokenizer": train_tokenizer, "train_generator": train_generator, "sample": sample,
+             "evaluate": evaluate}
     try:
-        for phase in phases:
-            if phase == "train_tokenizer":
-                train_tokenizer(config, workdir)
-            elif phase == "train_generator":
-                from vqgen.train.generator import train_generator
-                train_generator(config, workdir)
-            elif phase == "sample":
-                from vqgen.train.generator import sample_to_workdir
-                sample_to_workdir(config, workdir)
-            elif phase == "evaluate":
-                from vqgen.train.generator import evaluate_workdir
-                evaluate_workdir(config, workdir)
-            else:
-                raise ValueError(f"unknown mode {phase!r}")
+        for phase in ALL if mode == "all" else (mode,):
+            t0 = time.perf_counter()
+            steps[phase](config, workdir, mesh)
+            logging.info("%s took %.1fs", phase, time.perf_counter() - t0)
     except common.Preempted as e:
         logging.warning("%s", e)
         print(str(e), flush=True)
         return 0
+    common.say(f"done: report in {os.path.join(workdir, 'report.json')}")
     return 0

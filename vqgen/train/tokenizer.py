@@ -1,10 +1,23 @@
-"""Tokenizer training: reconstruction + quantizer + perceptual + adversarial losses.
+"""The tokenizer phase: reconstruction + quantizer + perceptual + adversarial losses.
 
-One jitted, donated step updates the tokenizer and the discriminator. The tokenizer's forward
-pass runs once; ``jax.vjp`` of ``(nll + quantizer loss, GAN generator loss)`` is pulled back with
-the cotangents (1, 0) and (0, 1) to get both gradients, whose norms at the decoder's last layer
-give VQGAN's adaptive GAN weight. The discriminator then sees real images and the stop-gradient
-reconstructions (hinge or non-saturating loss, LeCam and R1 regularisation).
+:func:`build` turns a config into a :class:`~vqgen.train.common.Phase` whose step is the pure,
+module-level :func:`train_step`; model, discriminator, optimisers and loss settings are static
+arguments bound in with ``functools.partial``, so ahead-of-time compilation, benchmarks and tests
+build the same step from the config alone.
+
+The step is three parts:
+
+- :func:`generator_losses`: the tokenizer's forward pass once, returning
+  ``(nll + quantizer loss, GAN generator loss)``; ``jax.vjp`` pulls it back with the cotangents
+  (1, 0) and (0, 1) to get both gradients, whose norms at the decoder's last layer give VQGAN's
+  adaptive GAN weight;
+- :func:`discriminator_loss`: real images against the stop-gradient reconstructions (hinge or
+  non-saturating loss, LeCam and R1 regularisation);
+- :func:`train_step`: combines them and applies the optimisers and the EMA.
+
+A trained tokenizer is used as a value, :class:`FrozenTokenizer` (EMA weights and model state
+only), restored by :func:`load_frozen_tokenizer` and checked against the tokenizer section alone:
+changing a discriminator or optimiser key after training does not make a generator refuse it.
 """
 from __future__ import annotations
 
@@ -15,19 +28,24 @@ import os
 import time
 from typing import Any
 
-import chex
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+import optax
 
+from vqgen import data as vdata
 from vqgen import parallel
-from vqgen.checkpoint import Checkpointer
+from vqgen.checkpoint import Checkpointer, IncompatibleCheckpointError
+from vqgen.evaluation import metrics as em
+from vqgen.losses import adversarial as adv
+from vqgen.losses import perceptual
+from vqgen.tokenizers import LAST_LAYER
 from vqgen.train import builders, common
 
 QUANTIZER_RNGS = ("dropout", "codebook", "quantizer")
+NAME = "tokenizer"
 
 
 @flax.struct.dataclass
@@ -68,304 +86,373 @@ def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-class TokenizerTrainer:
-    """Builds everything one tokenizer run needs from a config; ``train()`` resumes by itself.
+def apply_tokenizer(model: nn.Module, params: Any, model_state: dict, x: jax.Array, rng: jax.Array,
+                    train: bool) -> tuple[jax.Array, Any, dict]:
+    """``(reconstruction, QuantizerOutput, new model state)``; the state is updated only when training."""
+    variables = {"params": params, **model_state}
+    mutable = (list(model_state.keys()) or False) if train else False
+    out = model.apply(variables, x, train=train, rngs=_rngs(rng), mutable=mutable)
+    if mutable:
+        (x_rec, q), new_state = out
+        return x_rec, q, {**model_state, **new_state}
+    x_rec, q = out
+    return x_rec, q, model_state
 
-    Args:
-      config: the full (locked) run config; reads ``seed``, ``mesh_shape``, ``logical_rules``,
-        ``data``, ``tokenizer``, ``tokenizer_train``.
-      workdir: run directory (checkpoints under ``checkpoints/tokenizer``).
-      mesh: optional mesh; defaults to one made from ``config.mesh_shape``.
+
+def _disc_logits(disc: nn.Module, disc_params: Any, images: jax.Array) -> jax.Array:
+    return disc.apply({"params": disc_params}, images, train=True).astype(jnp.float32)
+
+
+def generator_losses(params: Any, state: TokenizerState, x: jax.Array, rng: jax.Array, lpips_params: Any, *,
+                     model: nn.Module, disc: nn.Module | None, lc: LossConfig):
+    """The tokenizer's side of the loss: ``((nll + quantizer loss, GAN generator loss), aux)``.
+
+    ``nll`` is the weighted L1/L2 reconstruction error plus the LPIPS distance when
+    ``lc.perceptual_weight > 0``; the GAN term is the discriminator's verdict on the
+    reconstructions (zero without a discriminator). ``aux`` holds the reconstruction, the
+    quantizer output, the new model state and the loss terms.
+    """
+    x_rec, q, new_state = apply_tokenizer(model, params, state.model_state, x, rng, train=True)
+    x_rec32, x32 = x_rec.astype(jnp.float32), x.astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(x32 - x_rec32))
+    l2 = jnp.mean(jnp.square(x32 - x_rec32))
+    nll = lc.l1_weight * l1 + lc.l2_weight * l2
+    p_loss = jnp.zeros((), jnp.float32)
+    if lc.perceptual_weight > 0:
+        p_loss = jnp.mean(perceptual.LPIPS().apply({"params": jax.lax.stop_gradient(lpips_params)}, x_rec32, x32))
+        nll = nll + lc.perceptual_weight * p_loss
+    g_loss = jnp.zeros((), jnp.float32)
+    if disc is not None:
+        logits_fake = _disc_logits(disc, state.disc_params, x_rec)
+        g_loss = -jnp.mean(logits_fake) if lc.gan_loss == "hinge" else jnp.mean(jax.nn.softplus(-logits_fake))
+    aux = dict(x_rec=x_rec, q=q, new_state=new_state, l1=l1, l2=l2, p_loss=p_loss, nll=nll)
+    return (nll + q.loss, g_loss), aux
+
+
+def discriminator_loss(disc_params: Any, real: jax.Array, fake: jax.Array, lecam: dict, factor: jax.Array, *,
+                       disc: nn.Module, lc: LossConfig):
+    """``(factor * loss, (loss, logits_real, logits_fake, extra terms))`` of the discriminator."""
+    logits_real = _disc_logits(disc, disc_params, real)
+    logits_fake = _disc_logits(disc, disc_params, fake)
+    loss = (adv.hinge_d_loss(logits_real, logits_fake) if lc.gan_loss == "hinge"
+            else adv.non_saturating_d_loss(logits_real, logits_fake))
+    extra = {}
+    if lc.lecam_weight > 0:
+        lec = adv.lecam_loss(logits_real, logits_fake, lecam["real"], lecam["fake"])
+        loss = loss + lc.lecam_weight * lec
+        extra["lecam"] = lec
+    if lc.r1_weight > 0:
+        r1 = adv.r1_penalty(lambda dp, img: _disc_logits(disc, dp, img), disc_params, real)
+        loss = loss + 0.5 * lc.r1_weight * r1
+        extra["r1"] = r1
+    return factor * loss, (loss, logits_real, logits_fake, extra)
+
+
+def _apply_updates(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
+
+
+def train_step(state: TokenizerState, batch: dict, rng: jax.Array, lpips_params: Any, *, model: nn.Module,
+               disc: nn.Module | None, tx: optax.GradientTransformation,
+               disc_tx: optax.GradientTransformation | None, lc: LossConfig) -> tuple[TokenizerState, dict]:
+    """One update of the tokenizer (and its discriminator) on ``batch = {'image', 'label'}``."""
+    rng = jax.random.fold_in(rng, state.step)
+    x = batch["image"]
+    x = nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+    forward = functools.partial(generator_losses, state=state, x=x, rng=rng, lpips_params=lpips_params,
+                                model=model, disc=disc, lc=lc)
+    (main_loss, g_loss), vjp_fn, aux = jax.vjp(forward, state.params, has_aux=True)
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+    (grads,) = vjp_fn((one, zero))
+    metrics = {"loss": main_loss, "l1": aux["l1"], "l2": aux["l2"], "nll": aux["nll"], "quantizer_loss": aux["q"].loss}
+    if lc.perceptual_weight > 0:
+        metrics["perceptual"] = aux["p_loss"]
+    metrics.update({f"q/{k}": v for k, v in aux["q"].metrics.items()})
+
+    disc_params, disc_opt, lecam = state.disc_params, state.disc_opt_state, state.lecam
+    if disc is not None:
+        (g_grads,) = vjp_fn((zero, one))
+        factor = adv.gan_start_factor(state.step, lc.disc_start)
+        d_w = (adv.adaptive_weight(_get_path(grads, LAST_LAYER), _get_path(g_grads, LAST_LAYER))
+               if lc.adaptive_weight else one)
+        w = lc.disc_weight * factor * d_w
+        grads = jax.tree.map(lambda a, b: a + w * b, grads, g_grads)
+        fake = jax.lax.stop_gradient(aux["x_rec"])
+        (_, (d_loss, logits_real, logits_fake, extra)), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+            disc_params, x, fake, lecam, factor, disc=disc, lc=lc)
+        disc_params, disc_opt = _apply_updates(disc_tx, d_grads, disc_opt, disc_params)
+        new_real, new_fake = adv.lecam_update_ema(lecam["real"], lecam["fake"], logits_real, logits_fake,
+                                                  lc.lecam_decay)
+        lecam = {"real": new_real, "fake": new_fake}
+        metrics.update({"g_loss": g_loss, "d_loss": d_loss, "d_weight": d_w, "gan_factor": factor,
+                        "logits_real": jnp.mean(logits_real), "logits_fake": jnp.mean(logits_fake),
+                        **{f"d/{k}": v for k, v in extra.items()}})
+
+    params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
+    ema = common.ema_update(state.ema_params, params, lc.ema_decay)
+    new_state = TokenizerState(
+        step=state.step + 1, params=params, ema_params=ema, model_state=aux["new_state"], opt_state=opt_state,
+        disc_params=disc_params, disc_opt_state=disc_opt, lecam=lecam)
+    return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def init_state(rng: jax.Array, *, model: nn.Module, disc: nn.Module | None, tx: optax.GradientTransformation,
+               disc_tx: optax.GradientTransformation | None, example: tuple[int, ...]) -> TokenizerState:
+    """A fresh (boxed) state; jit/eval_shape it, never call it eagerly on big models."""
+    k_model, k_disc = jax.random.split(rng)
+    dummy = jnp.zeros((1,) + tuple(example), jnp.float32)
+    variables = dict(model.init({"params": k_model, **_rngs(k_model)}, dummy, train=False))
+    params = variables.pop("params")
+    disc_params = disc_opt = None
+    if disc is not None:
+        disc_params = disc.init(k_disc, dummy)["params"]
+        disc_opt = disc_tx.init(disc_params)
+    zero = jnp.zeros((), jnp.float32)
+    return TokenizerState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, model_state=variables,
+                          opt_state=tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt,
+                          lecam={"real": zero, "fake": zero})
+
+
+def architecture_fingerprint(config) -> dict:
+    """What determines the tokenizer's weights and tokens: its section and the image channels."""
+    return {"tokenizer": json.loads(config.tokenizer.to_json()), "channels": int(config.data.channels)}
+
+
+def build(config) -> common.Phase:
+    """The tokenizer phase of ``config`` (reads ``seed``, ``data``, ``tokenizer``, ``tokenizer_train``)."""
+    tc = config.tokenizer_train
+    model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
+    example = builders.example_shape(config)
+    disc = builders.build_discriminator(tc.disc, int(config.data.image_size)) if tc.disc.weight > 0 else None
+    if tc.disc.loss not in ("hinge", "non_saturating"):
+        raise ValueError(f"tokenizer_train.disc.loss={tc.disc.loss!r} is unknown; use 'hinge' or 'non_saturating'.")
+    use_lpips = tc.perceptual_weight > 0 and bool(tc.lpips_path)
+    if tc.perceptual_weight > 0 and not use_lpips:  # logs once that the term is off, and which key turns it on
+        perceptual.make_perceptual_loss(None, config_key="tokenizer_train.lpips_path")
+    lpips_frozen = (perceptual.abstract_params() if use_lpips else None,)
+    lpips_path = tc.lpips_path
+
+    def load_frozen() -> tuple:
+        return (perceptual.load_lpips_params(lpips_path) if use_lpips else None,)
+
+    lc = LossConfig(
+        l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, perceptual_weight=tc.perceptual_weight if use_lpips else 0.0,
+        disc_weight=tc.disc.weight if disc is not None else 0.0, disc_start=tc.disc.start_step,
+        gan_loss=tc.disc.loss, adaptive_weight=tc.disc.adaptive_weight, lecam_weight=tc.disc.lecam_weight,
+        lecam_decay=tc.disc.lecam_decay, r1_weight=tc.disc.r1_weight, ema_decay=tc.ema_decay)
+    tx = common.make_optimizer(
+        lr=tc.lr, num_steps=tc.num_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule,
+        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, grad_clip=tc.grad_clip)
+    disc_tx = None if disc is None else common.make_optimizer(
+        lr=tc.disc.lr, num_steps=tc.num_steps, warmup_steps=0, schedule="constant", weight_decay=0.0,
+        b1=tc.b1, b2=tc.b2, grad_clip=tc.grad_clip)
+    bs = int(tc.batch_size)
+    disc_arch = None if disc is None else {k: json.loads(tc.disc.to_json())[k] for k in DISC_ARCH_KEYS if k in tc.disc}
+    return common.Phase(
+        name=NAME,
+        init=functools.partial(init_state, model=model, disc=disc, tx=tx, disc_tx=disc_tx, example=example),
+        step=functools.partial(train_step, model=model, disc=disc, tx=tx, disc_tx=disc_tx, lc=lc),
+        batch={"image": jax.ShapeDtypeStruct((bs,) + example, jnp.float32),
+               "label": jax.ShapeDtypeStruct((bs,), jnp.int32)},
+        frozen=lpips_frozen, load_frozen=load_frozen,
+        loop=common.LoopConfig(num_steps=int(tc.num_steps), log_every=int(tc.log_every), save_every=int(tc.save_every),
+                               image_every=int(tc.image_every), desc=NAME),
+        fingerprint={**architecture_fingerprint(config), "discriminator": disc_arch},
+        init_seed=int(config.seed), step_seed=int(config.seed) + 1, keep=int(tc.keep))
+
+
+# Keys of tokenizer_train.disc that shape the discriminator's parameters (the rest are loss settings).
+DISC_ARCH_KEYS = ("type", "ch", "n_layers", "norm", "ch_mult")
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def make_data(config, split: str = "train", train: bool = True, batch_size: int | None = None):
+    """``(source, iterator)`` of the tokenizer's input for ``split``."""
+    dc = config.data
+    example = builders.example_shape(config)
+    source = vdata.make_source(dc.source, split, image_size=dc.image_size, data_dir=dc.data_dir or None,
+                               num_frames=example[0] if len(example) == 4 else 16, seed=config.seed)
+    return source, vdata.make_pipeline(
+        source, global_batch_size=batch_size or config.tokenizer_train.batch_size, seed=config.seed, train=train,
+        random_crop=dc.random_crop, random_flip=dc.random_flip)
+
+
+def eval_images(config, split: str = "test", max_examples: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``max_examples`` examples of ``split`` as float arrays (``{'image', 'label'}``)."""
+    source, _ = make_data(config, split, train=False)
+    return vdata.eval_arrays(source, max_examples=max_examples)
+
+
+# --------------------------------------------------------------------- frozen tokenizer
+
+
+@dataclasses.dataclass
+class FrozenTokenizer:
+    """A trained tokenizer as a value: the module, its EMA weights and model state.
+
+    ``encode`` maps float images in [-1, 1] (``[N, H, W, C]``, video ``[N, T, H, W, C]``) to code
+    ids ``[N, *spec.grid]``; ``decode`` maps ids back to float images clipped to [-1, 1]. Both
+    run in fixed-size batches (the last one padded) on ``mesh``.
     """
 
-    def __init__(self, config, workdir: str, mesh=None):
-        self.config = config
-        self.workdir = workdir
-        tc = config.tokenizer_train
-        self.mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
-        self.rules = parallel.rules_from_config(config.logical_rules)
-        parallel.check_batch_size(tc.batch_size, self.mesh)
-        self.channels = int(config.data.channels)
-        self.image_size = int(config.data.image_size)
-        self.model = builders.build_tokenizer(config.tokenizer, self.channels)
-        self.disc = builders.build_discriminator(tc.disc, self.image_size) if tc.disc.weight > 0 else None
-        self.loss_cfg = LossConfig(
-            l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, perceptual_weight=tc.perceptual_weight,
-            disc_weight=tc.disc.weight if self.disc is not None else 0.0, disc_start=tc.disc.start_step,
-            gan_loss=tc.disc.loss, adaptive_weight=tc.disc.adaptive_weight,
-            lecam_weight=tc.disc.lecam_weight, lecam_decay=tc.disc.lecam_decay,
-            r1_weight=tc.disc.r1_weight, ema_decay=tc.ema_decay)
-        if self.loss_cfg.gan_loss not in ("hinge", "non_saturating"):
-            raise ValueError(f"unknown GAN loss {self.loss_cfg.gan_loss!r}; use 'hinge' or 'non_saturating'.")
-        self.tx = common.make_optimizer(
-            lr=tc.lr, num_steps=tc.num_steps, warmup_steps=tc.warmup_steps, schedule=tc.schedule,
-            weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, grad_clip=tc.grad_clip)
-        self.disc_tx = common.make_optimizer(
-            lr=tc.disc.lr, num_steps=tc.num_steps, warmup_steps=0, schedule="constant",
-            weight_decay=0.0, b1=tc.b1, b2=tc.b2, grad_clip=tc.grad_clip)
-        self.perceptual = None
-        if tc.perceptual_weight > 0:
-            from vqgen.losses.perceptual import make_perceptual_loss
-            self.perceptual = make_perceptual_loss(tc.lpips_path or None, config_key="tokenizer_train.lpips_path")
-        self.ckpt_dir = os.path.join(workdir, "checkpoints", "tokenizer")
-        self._step_fn = None
+    model: nn.Module
+    params: Any
+    model_state: dict
+    step: int
+    spec: builders.TokenSpec
+    mesh: Any
+    rules: Any
+    batch_size: int = 32
 
-    # ----------------------------------------------------------------------------- state
-    def _dummy(self, batch: int = 1) -> jax.Array:
-        shape = (batch, self.image_size, self.image_size, self.channels)
-        if getattr(self.model, "num_frames", None):
-            shape = (batch, self.model.num_frames) + shape[1:]
-        return jnp.zeros(shape, jnp.float32)
+    def __post_init__(self):
+        model = self.model
+        self._encode = jax.jit(lambda p, s, x: model.apply({"params": p, **s}, x, method="encode").indices)
+        self._decode = jax.jit(lambda p, s, i: jnp.clip(
+            model.apply({"params": p, **s}, i, method="decode_indices").astype(jnp.float32), -1.0, 1.0))
+        self._reconstruct = jax.jit(lambda p, s, x: _reconstruct(model, p, s, x))
 
-    def init_state(self, rng: jax.Array) -> TokenizerState:
-        """A fresh (boxed) state; jit/eval_shape it, never call it eagerly on big models."""
-        k_model, k_disc = jax.random.split(rng)
-        variables = self.model.init({"params": k_model, **_rngs(k_model)}, self._dummy(), train=False)
-        variables = dict(variables)
-        params = variables.pop("params")
-        disc_params = disc_opt = None
-        if self.disc is not None:
-            disc_params = self.disc.init(k_disc, self._dummy())["params"]
-            disc_opt = self.disc_tx.init(disc_params)
-        return TokenizerState(
-            step=jnp.zeros((), jnp.int32), params=params, ema_params=params, model_state=variables,
-            opt_state=self.tx.init(params), disc_params=disc_params, disc_opt_state=disc_opt,
-            lecam={"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)})
-
-    def create_state(self) -> tuple[TokenizerState, Any]:
-        rng = jax.random.key(self.config.seed)
-        return common.sharded_init(self.init_state, rng, self.mesh, self.rules)
-
-    # ------------------------------------------------------------------------------ step
-    def _apply(self, params, model_state, x, rng, train):
-        variables = {"params": params, **model_state}
-        mutable = (list(model_state.keys()) or False) if train else False
-        out = self.model.apply(variables, x, train=train, rngs=_rngs(rng), mutable=mutable)
-        if mutable:
-            (x_rec, q), new_state = out
-            new_state = {**model_state, **new_state}
-        else:
-            (x_rec, q), new_state = out, model_state
-        return x_rec, q, new_state
-
-    def train_step(self, state: TokenizerState, batch, rng, lpips_params):
-        lc = self.loss_cfg
-        rng = jax.random.fold_in(rng, state.step)
-        x = batch["image"]
-        x = nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
-        disc = self.disc
-
-        def d_apply(dp, img):
-            return disc.apply({"params": dp}, img, train=True)
-
-        def forward(params):
-            x_rec, q, new_state = self._apply(params, state.model_state, x, rng, train=True)
-            x_rec32, x32 = x_rec.astype(jnp.float32), x.astype(jnp.float32)
-            l1 = jnp.mean(jnp.abs(x32 - x_rec32))
-            l2 = jnp.mean(jnp.square(x32 - x_rec32))
-            nll = lc.l1_weight * l1 + lc.l2_weight * l2
-            p_loss = jnp.zeros((), jnp.float32)
-            if self.perceptual is not None:
-                p_loss = self.perceptual[0](lpips_params, x_rec32, x32)
-                nll = nll + lc.perceptual_weight * p_loss
-            g_loss = jnp.zeros((), jnp.float32)
-            if disc is not None:
-                logits_fake = d_apply(state.disc_params, x_rec).astype(jnp.float32)
-                g_loss = (-jnp.mean(logits_fake) if lc.gan_loss == "hinge"
-                          else jnp.mean(jax.nn.softplus(-logits_fake)))
-            aux = dict(x_rec=x_rec, q=q, new_state=new_state, l1=l1, l2=l2, p_loss=p_loss, nll=nll)
-            return (nll + q.loss, g_loss), aux
-
-        (main_loss, g_loss), vjp_fn, aux = jax.vjp(forward, state.params, has_aux=True)
-        (grads,) = vjp_fn((jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)))
-        metrics = {"loss": main_loss, "l1": aux["l1"], "l2": aux["l2"], "nll": aux["nll"],
-                   "quantizer_loss": aux["q"].loss}
-        if self.perceptual is not None:
-            metrics["perceptual"] = aux["p_loss"]
-        metrics.update({f"q/{k}": v for k, v in aux["q"].metrics.items()})
-
-        disc_params, disc_opt, lecam = state.disc_params, state.disc_opt_state, state.lecam
-        if disc is not None:
-            from vqgen.losses import adversarial as adv
-            from vqgen.tokenizers.vqgan import LAST_LAYER
-
-            (g_grads,) = vjp_fn((jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)))
-            factor = adv.gan_start_factor(state.step, lc.disc_start)
-            if lc.adaptive_weight:
-                d_w = adv.adaptive_weight(_get_path(grads, LAST_LAYER), _get_path(g_grads, LAST_LAYER))
-            else:
-                d_w = jnp.ones((), jnp.float32)
-            w = lc.disc_weight * factor * d_w
-            grads = jax.tree.map(lambda a, b: a + w * b, grads, g_grads)
-            fake = jax.lax.stop_gradient(aux["x_rec"])
-
-            def d_loss_fn(dp):
-                lr_ = d_apply(dp, x).astype(jnp.float32)
-                lf_ = d_apply(dp, fake).astype(jnp.float32)
-                loss = (adv.hinge_d_loss(lr_, lf_) if lc.gan_loss == "hinge"
-                        else adv.non_saturating_d_loss(lr_, lf_))
-                extra = {}
-                if lc.lecam_weight > 0:
-                    lec = adv.lecam_loss(lr_, lf_, lecam["real"], lecam["fake"])
-                    loss = loss + lc.lecam_weight * lec
-                    extra["lecam"] = lec
-                if lc.r1_weight > 0:
-                    r1 = adv.r1_penalty(d_apply, dp, x)
-                    loss = loss + 0.5 * lc.r1_weight * r1
-                    extra["r1"] = r1
-                return factor * loss, (loss, lr_, lf_, extra)
-
-            (_, (d_loss, lr_, lf_, extra)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
-            d_updates, disc_opt = self.disc_tx.update(d_grads, disc_opt, disc_params)
-            disc_params = jax.tree.map(lambda p, u: p + u, disc_params, d_updates)
-            new_real, new_fake = adv.lecam_update_ema(lecam["real"], lecam["fake"], lr_, lf_, lc.lecam_decay)
-            lecam = {"real": new_real, "fake": new_fake}
-            metrics.update({"g_loss": g_loss, "d_loss": d_loss, "d_weight": d_w, "gan_factor": factor,
-                            "logits_real": jnp.mean(lr_), "logits_fake": jnp.mean(lf_),
-                            **{f"d/{k}": v for k, v in extra.items()}})
-
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-        ema = common.ema_update(state.ema_params, params, lc.ema_decay)
-        new_state = TokenizerState(
-            step=state.step + 1, params=params, ema_params=ema, model_state=aux["new_state"],
-            opt_state=opt_state, disc_params=disc_params, disc_opt_state=disc_opt, lecam=lecam)
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return new_state, metrics
-
-    def compiled_step(self, shardings, max_traces: int = 1):
-        """The jitted, donated step with explicit shardings; traced at most ``max_traces`` times."""
-        batch_sh = {"image": parallel.batch_sharding(self.mesh, 5 if getattr(self.model, "num_frames", None) else 4),
-                    "label": parallel.batch_sharding(self.mesh, 1)}
-        rep = common.replicated(self.mesh)
-        lp_sh = None if self.perceptual is None else jax.tree.map(lambda _: rep, self.perceptual[1])
-        fn = chex.assert_max_traces(n=max_traces)(self.train_step)
-        return jax.jit(fn, in_shardings=(shardings, batch_sh, rep, lp_sh),
-                       out_shardings=(shardings, rep), donate_argnums=0)
-
-    # -------------------------------------------------------------------------- pipeline
-    def make_data(self, split: str = "train", train: bool = True):
-        from vqgen import data as vdata
-
-        dc = self.config.data
-        source = vdata.make_source(dc.source, split, image_size=dc.image_size, data_dir=dc.data_dir or None,
-                                   num_frames=getattr(self.model, "num_frames", None) or 16, seed=self.config.seed)
-        return source, vdata.make_pipeline(
-            source, global_batch_size=self.config.tokenizer_train.batch_size, seed=self.config.seed,
-            train=train, random_crop=dc.random_crop, random_flip=dc.random_flip)
-
-    def put_batch(self, batch):
-        return parallel.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
-
-    # ----------------------------------------------------------------------------- train
-    def fingerprint(self) -> dict:
-        return {"tokenizer": json.loads(self.config.tokenizer.to_json()),
-                "channels": self.channels, "image_size": self.image_size,
-                "discriminator": json.loads(self.config.tokenizer_train.disc.to_json())
-                if self.disc is not None else None}
-
-    def checkpointer(self) -> Checkpointer:
-        tc = self.config.tokenizer_train
-        return Checkpointer(self.ckpt_dir, save_every=tc.save_every, keep=tc.keep,
-                            fingerprint=self.fingerprint())
-
-    def restore_or_create(self, ckpt: Checkpointer, data_iter=None) -> tuple[TokenizerState, Any, int]:
-        state, shardings = self.create_state()
-        start = 0
-        if ckpt.latest_step() is not None:
-            state = ckpt.restore(state, data_iter)
-            start = int(jax.device_get(state.step))
-        return state, shardings, start
-
-    def train(self) -> TokenizerState:
-        """Trains to ``tokenizer_train.num_steps`` (resuming from the workdir) and evaluates."""
-        tc = self.config.tokenizer_train
-        _, data_iter = self.make_data("train", train=True)
-        ckpt = self.checkpointer()
-        try:
-            state, shardings, start = self.restore_or_create(ckpt, data_iter)
-            if start < tc.num_steps:
-                logging.info("training the tokenizer from step %d to %d", start, tc.num_steps)
-                writer = common.MetricWriter(os.path.join(self.workdir, "tb", "tokenizer"))
-                step_fn = self.compiled_step(shardings)
-                lp = None if self.perceptual is None else self.perceptual[1]
-                with parallel.mesh_context(self.mesh, self.rules):
-                    state = common.run_loop(
-                        step_fn=step_fn, state=state, data_iter=data_iter, put_batch=self.put_batch,
-                        rng=jax.random.key(self.config.seed + 1), frozen=(lp,), checkpointer=ckpt,
-                        loop=common.LoopConfig(num_steps=tc.num_steps, log_every=tc.log_every,
-                                               save_every=tc.save_every, image_every=tc.image_every,
-                                               desc="tokenizer"),
-                        writer=writer, start_step=start,
-                        on_images=lambda step, st: self._log_images(writer, step, st))
-                writer.close()
-        finally:
-            ckpt.close()
-        return state
-
-    # -------------------------------------------------------------------------- evaluate
-    @functools.cached_property
-    def _reconstruct(self):
-        def rec(params, model_state, x):
-            x_rec, q, _ = self._apply(params, model_state, x, jax.random.key(0), train=False)
-            return jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0), q.indices
-        return jax.jit(rec)
-
-    def _log_images(self, writer, step, state):
-        if not parallel.is_main_process():
-            return
-        from vqgen import data as vdata
-        src, _ = self.make_data("test", train=False)
-        x = vdata.eval_arrays(src, max_examples=8)["image"]
+    def call(self, fn, *batch: np.ndarray) -> Any:
+        """``fn(params, model_state, *batch)`` on one batch sharded over the mesh, fetched to the host."""
         with parallel.mesh_context(self.mesh, self.rules):
-            x_rec, _ = self._reconstruct(state.ema_params, state.model_state, jnp.asarray(x))
-        pair = np.concatenate([np.asarray(x), np.asarray(x_rec)], axis=0)
-        if pair.ndim == 5:
-            pair = pair[:, 0]
-        writer.image(step, "reconstructions", common.image_grid(pair, rows=2))
+            return jax.device_get(fn(self.params, self.model_state, *parallel.shard_batch(batch, self.mesh)))
 
-    def evaluate(self, state: TokenizerState, max_examples: int | None = None) -> dict[str, float]:
-        """PSNR, SSIM and codebook usage of the EMA tokenizer on the held-out split."""
-        from vqgen import data as vdata
-        from vqgen.evaluation import metrics as em
+    def _run(self, fn, *arrays, desc=None):
+        return common.map_batches(functools.partial(self.call, fn), arrays, self.batch_size, desc=desc)
 
-        src, _ = self.make_data("test", train=False)
-        arrays = vdata.eval_arrays(src, max_examples=max_examples or self.config.data.eval_examples)
-        images = arrays["image"]
-        bs = self.config.tokenizer_train.batch_size
-        psnrs, ssims, usage = [], [], None
-        codebook_size = quantizer_codebook_size(self.model.quantizer)
-        usage = em.CodebookAccumulator(codebook_size) if codebook_size else None
-        t0 = time.perf_counter()
-        with parallel.mesh_context(self.mesh, self.rules):
-            for i in range(0, len(images), bs):
-                x = images[i:i + bs]
-                n = len(x)
-                if n < bs:  # pad the last batch to keep one compiled shape
-                    x = np.concatenate([x, np.repeat(x[-1:], bs - n, axis=0)])
-                xs = parallel.shard_batch({"image": x}, self.mesh)["image"]
-                x_rec, idx = self._reconstruct(state.ema_params, state.model_state, xs)
-                x_rec = np.asarray(x_rec)[:n]
-                frames = (lambda a: a.reshape((-1,) + a.shape[-3:]))
-                psnrs.append(np.asarray(em.psnr(frames(x[:n]), frames(x_rec))))
-                ssims.append(np.asarray(em.ssim(frames(x[:n]), frames(x_rec))))
-                if usage is not None:
-                    for ind in (idx if isinstance(idx, (tuple, list)) else [idx]):
-                        usage.update(np.asarray(ind)[:n])
-        out = {"psnr": float(np.mean(np.concatenate(psnrs))), "ssim": float(np.mean(np.concatenate(ssims))),
-               "eval_images": int(len(images)), "eval_seconds": time.perf_counter() - t0}
-        if usage is not None:
-            out.update({f"codebook_{k}": float(v) for k, v in usage.result().items()})
-        return out
+    def encode(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
+        """int32 code ids ``[N, *grid]`` of float images in [-1, 1]."""
+        return self._run(self._encode, np.asarray(images, np.float32), desc=desc).astype(np.int32)
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """float32 images in [-1, 1] of code ids ``[N, *grid]`` (or ``[N, L]``)."""
+        ids = np.asarray(indices, np.int32).reshape((len(indices),) + tuple(self.spec.grid))
+        return self._run(self._decode, ids)
+
+    def reconstruct(self, images: np.ndarray) -> tuple[np.ndarray, Any]:
+        """``(reconstructions clipped to [-1, 1], code ids)`` of float images (one forward pass)."""
+        return self._run(self._reconstruct, np.asarray(images, np.float32))
 
 
-def quantizer_codebook_size(q) -> int | None:
-    """Number of codes of a quantizer module, or None where it has no discrete codebook."""
-    for attr in ("codebook_size",):
-        v = getattr(q, attr, None)
-        if isinstance(v, int):
-            return v
-    levels = getattr(q, "levels", None)
-    if levels is not None:
-        return int(np.prod(levels))
-    return None
+def _reconstruct(model, params, model_state, x):
+    x_rec, q, _ = apply_tokenizer(model, params, model_state, x, jax.random.key(0), train=False)
+    indices = q.indices if not isinstance(q.indices, (tuple, list)) else jnp.concatenate(
+        [i.reshape(i.shape[0], -1) for i in q.indices], axis=1)
+    return jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0), indices
+
+
+def frozen_from_state(config, state: TokenizerState, mesh=None) -> FrozenTokenizer:
+    """The EMA tokenizer of a train state (the one just trained)."""
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    return FrozenTokenizer(
+        model=builders.build_tokenizer(config.tokenizer, int(config.data.channels)), params=state.ema_params,
+        model_state=state.model_state, step=int(jax.device_get(state.step)), spec=builders.token_spec(config),
+        mesh=mesh, rules=parallel.rules_from_config(config.logical_rules),
+        batch_size=int(config.tokenizer_train.batch_size))
+
+
+def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
+    """The workdir's trained tokenizer: its EMA weights and model state, nothing else.
+
+    Raises ``FileNotFoundError`` when there is no tokenizer checkpoint and
+    :class:`~vqgen.checkpoint.IncompatibleCheckpointError` when it was trained with another
+    tokenizer architecture (its ``tokenizer`` section or image channels differ).
+    """
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
+    directory = os.path.join(workdir, "checkpoints", NAME)
+    ckpt = Checkpointer(directory, save_every=1, keep=1)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"no tokenizer checkpoint in {directory}; run --mode=train_tokenizer with this --workdir first "
+                "(or --mode=all).")
+        want = architecture_fingerprint(config)
+        stored = ckpt.read_meta().get("fingerprint", {})
+        diffs = _diff_keys({k: stored.get(k) for k in want}, want)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"the tokenizer in {directory} was trained with another tokenizer architecture ({'; '.join(diffs[:3])}); "
+                "use the config it was trained with, or train a tokenizer for this config in a new --workdir.")
+        model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
+        abstract = jax.eval_shape(functools.partial(_variables, model=model, example=builders.example_shape(config)),
+                                  jax.random.key(0))
+        with parallel.mesh_context(mesh, rules):
+            shardings = parallel.logical_to_sharding(abstract, mesh, rules)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              parallel.unbox(abstract), shardings)
+        params_target = target.pop("params")
+        wanted = {"ema_params": params_target, **({"model_state": target} if target else {})}
+        restored, meta = ckpt.restore_subset(wanted)
+    finally:
+        ckpt.close()
+    return FrozenTokenizer(model=model, params=restored["ema_params"], model_state=restored.get("model_state", {}),
+                           step=int(meta["step"]), spec=builders.token_spec(config), mesh=mesh, rules=rules,
+                           batch_size=int(config.tokenizer_train.batch_size))
+
+
+def _variables(rng, *, model, example):
+    variables = model.init({"params": rng, **_rngs(rng)}, jnp.zeros((1,) + tuple(example), jnp.float32), train=False)
+    return dict(variables)
+
+
+def _diff_keys(stored: dict, want: dict, prefix: str = "") -> list[str]:
+    """``'key: checkpoint X vs config Y'`` for every leaf where two nested dicts differ."""
+    out = []
+    for k in sorted(set(stored) | set(want)):
+        a, b = stored.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: checkpoint {a!r} vs config {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def evaluate(config, tokenizer: FrozenTokenizer, max_examples: int | None = None) -> dict[str, float]:
+    """PSNR, SSIM and codebook usage of the (EMA) tokenizer on the held-out split."""
+    images = eval_images(config, "test", max_examples or config.data.eval_examples)["image"]
+    usage = em.CodebookAccumulator(tokenizer.spec.vocab_size) if tokenizer.spec.vocab_size else None
+    frames = lambda a: a.reshape((-1,) + a.shape[-3:])  # noqa: E731  video clips -> frames
+
+    def score(x):  # per batch, so no second copy of the split is held
+        x_rec, indices = tokenizer.call(tokenizer._reconstruct, x)
+        n = len(x)
+        return (np.asarray(em.psnr(frames(x), frames(x_rec))).reshape(n, -1),
+                np.asarray(em.ssim(frames(x), frames(x_rec))).reshape(n, -1), np.asarray(indices))
+
+    t0 = time.perf_counter()
+    psnr, ssim, indices = common.map_batches(score, images, tokenizer.batch_size)
+    out = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "eval_images": int(len(images)),
+           "eval_seconds": time.perf_counter() - t0}
+    if usage is not None:
+        usage.update(indices)
+        out.update({f"codebook_{k}": float(v) for k, v in usage.result().items()})
+    return out
+
+
+def log_reconstructions(config, writer: common.MetricWriter, step: int, state: TokenizerState, mesh) -> None:
+    """Eight held-out images over their EMA reconstructions, as a TensorBoard image."""
+    if not parallel.is_main_process():
+        return
+    x = eval_images(config, "test", 8)["image"]
+    x_rec, _ = frozen_from_state(config, state, mesh).reconstruct(x)
+    pair = np.concatenate([x, x_rec], axis=0)
+    if pair.ndim == 5:
+        pair = pair[:, 0]
+    writer.image(step, "reconstructions", common.image_grid(pair, rows=2))
+
+
+def train(config, workdir: str, mesh=None) -> TokenizerState:
+    """Trains the tokenizer phase of ``config`` in ``workdir`` (resuming), returns the final state."""
+    mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
+    parallel.check_batch_size(config.tokenizer_train.batch_size, mesh)
+    phase = build(config)
+    _, data_iter = make_data(config, "train", train=True)
+    return common.train_phase(
+        phase, workdir=workdir, mesh=mesh, rules=parallel.rules_from_config(config.logical_rules),
+        data_iter=data_iter, on_images=lambda writer, step, st: log_reconstructions(config, writer, step, st, mesh))

@@ -1,4 +1,4 @@
-"""A small real demo of the quantizers: ``python -m vqgen.quantizers.demo``.
+"""A small real demo of the quantizers: ``python benchmarks/quantizer_demo.py``.
 
 Each quantizer sits in the bottleneck of a tiny patch autoencoder (16 pixels -> MLP -> D
 channels -> quantizer -> MLP -> 16 pixels) that is trained with Adam for a few hundred steps on
