@@ -10,9 +10,11 @@ import pytest
 
 import tiny_config
 from vqgen import parallel
+from vqgen.data import tokens as token_data
+from vqgen.train import common
+from vqgen.train import generator as generator_lib
 from vqgen.train import run as run_lib
-from vqgen.train.generator import GeneratorTrainer
-from vqgen.train.tokenizer import TokenizerTrainer
+from vqgen.train import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +24,13 @@ def tokenizer_workdir(tmp_path_factory):
     config.unlock()
     config.tokenizer_train.num_steps = 2
     config.lock()
-    TokenizerTrainer(config, str(workdir)).train()
+    tokenizer_lib.train(config, str(workdir))
     return workdir
 
 
 def test_missing_tokenizer_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--mode=train_tokenizer"):
-        GeneratorTrainer(tiny_config.get_config(), str(tmp_path))
+        generator_lib.train(tiny_config.get_config(), str(tmp_path))
 
 
 @pytest.mark.parametrize("arch", ["gpt", "maskgit"])
@@ -40,18 +42,18 @@ def test_generator_step_sharded_equals_single_device(tokenizer_workdir, arch):
     out = {}
     for name, mesh in {"single": parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]),
                        "2x4": parallel.create_mesh((2, 4, 1))}.items():
-        chex.clear_trace_counter()
-        trainer = GeneratorTrainer(config, str(tokenizer_workdir), mesh=mesh)
-        trainer.cache_path = str(tokenizer_workdir / f"tokens_{arch}_{name}.npz")
-        from vqgen.data import tokens as token_data
-        source = token_data.TokenSource(trainer.build_token_cache())
-        it = token_data.make_token_pipeline(source, global_batch_size=8, seed=0)
-        state, shardings = trainer.create_state()
-        step = trainer.compiled_step(shardings)
+        rules = parallel.rules_from_config(config.logical_rules)
+        tok = tokenizer_lib.load_frozen_tokenizer(config, str(tokenizer_workdir), mesh)
+        path = generator_lib.build_token_cache(config, str(tokenizer_workdir), tok,
+                                               path=str(tokenizer_workdir / f"tokens_{arch}_{name}.npz"))
+        it = token_data.make_token_pipeline(token_data.TokenSource(path), global_batch_size=8, seed=0)
+        phase = generator_lib.build(config)
+        state, shardings = common.create_state(phase, mesh, rules)
+        step = common.compile_phase(phase, mesh, shardings)
         losses = []
-        with parallel.mesh_context(trainer.mesh, trainer.rules):
+        with parallel.mesh_context(mesh, rules):
             for _ in range(2):
-                state, metrics = step(state, trainer.put_batch(next(it)), jax.random.key(3))
+                state, metrics = step(state, common.put_batch(next(it), mesh, phase.batch), jax.random.key(3))
                 losses.append(float(metrics["loss"]))
         out[name] = (losses, jax.device_get(state.params))
     assert out["2x4"][0] == pytest.approx(out["single"][0], rel=1e-5)

@@ -16,7 +16,8 @@ import pytest
 import tiny_config
 from vqgen import parallel
 from vqgen.checkpoint import IncompatibleCheckpointError
-from vqgen.train.tokenizer import TokenizerTrainer
+from vqgen.train import common
+from vqgen.train import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -35,17 +36,22 @@ def _env():
 
 def _final_params(workdir):
     config = tiny_config.get_config()
-    trainer = TokenizerTrainer(config, str(workdir))
-    ckpt = trainer.checkpointer()
-    state, _ = trainer.create_state()
-    state = ckpt.restore(state)
+    phase = tokenizer_lib.build(config)
+    mesh = parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
+    ckpt = phase.checkpointer(str(workdir))
+    state, _, _ = common.restore_or_create(phase, ckpt, mesh, rules)
     ckpt.close()
     return jax.device_get(state)
 
 
-def _batch(trainer, seed=0):
-    _, it = trainer.make_data("train", train=True)
-    return trainer.put_batch(next(it))
+def _setup(config, mesh):
+    """(phase, state, compiled step, data iterator, rules) of the tokenizer phase on ``mesh``."""
+    phase = tokenizer_lib.build(config)
+    rules = parallel.rules_from_config(config.logical_rules)
+    state, shardings = common.create_state(phase, mesh, rules)
+    _, it = tokenizer_lib.make_data(config, "train", train=True)
+    return phase, state, common.compile_phase(phase, mesh, shardings, max_traces=1), it, rules
 
 
 def test_step_compiles_once_and_sharded_equals_single_device(tmp_path):
@@ -57,16 +63,12 @@ def test_step_compiles_once_and_sharded_equals_single_device(tmp_path):
     results = {}
     for name, mesh in {"single": parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1]),
                        "2x4": parallel.create_mesh((2, 4, 1))}.items():
-        chex.clear_trace_counter()  # the guard keys on the defining stack, shared by both meshes
-        trainer = TokenizerTrainer(config, str(tmp_path / name), mesh=mesh)
-        state, shardings = trainer.create_state()
-        step = trainer.compiled_step(shardings, max_traces=1)
-        _, it = trainer.make_data("train", train=True)
+        phase, state, step, it, rules = _setup(config, mesh)
         rng = jax.random.key(1)
         losses = []
-        with parallel.mesh_context(trainer.mesh, trainer.rules):
-            for _ in range(2):  # 2 calls, 1 trace: assert_max_traces raises on a retrace
-                state, metrics = step(state, trainer.put_batch(next(it)), rng, None)
+        with parallel.mesh_context(mesh, rules):
+            for _ in range(2):  # 2 calls, 1 trace: the guard raises on a retrace
+                state, metrics = step(state, common.put_batch(next(it), mesh, phase.batch), rng, None)
                 losses.append({k: float(metrics[k]) for k in ("loss", "d_loss", "g_loss", "q/usage")})
         results[name] = (losses, jax.device_get(state.params), jax.device_get(state.disc_params))
     for a, b in zip(results["2x4"][0], results["single"][0]):
@@ -86,15 +88,14 @@ def test_step_compiles_once_and_sharded_equals_single_device(tmp_path):
 
 def test_retrace_is_detected(tmp_path):
     """The compile-once guard is live: a second input shape must trip it."""
-    chex.clear_trace_counter()
-    trainer = TokenizerTrainer(tiny_config.get_config(), str(tmp_path))
-    state, shardings = trainer.create_state()
-    step = trainer.compiled_step(shardings, max_traces=1)
-    batch = _batch(trainer)
-    with parallel.mesh_context(trainer.mesh, trainer.rules):
+    config = tiny_config.get_config()
+    mesh = parallel.create_mesh(tuple(config.mesh_shape))
+    phase, state, step, it, rules = _setup(config, mesh)
+    batch = common.put_batch(next(it), mesh, phase.batch)
+    with parallel.mesh_context(mesh, rules):
         state, _ = step(state, batch, jax.random.key(0), None)
         half = parallel.shard_batch({k: np.asarray(v)[:, :, :16] if k == "image" else np.asarray(v)
-                                     for k, v in batch.items()}, trainer.mesh)
+                                     for k, v in batch.items()}, mesh)
         with pytest.raises(AssertionError):
             step(state, half, jax.random.key(0), None)
 
@@ -161,8 +162,7 @@ def test_tfds_source_one_step(tmp_path):
     config.tokenizer_train.num_steps = 1
     config.lock()
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-        trainer = TokenizerTrainer(config, str(tmp_path))
-        state = trainer.train()
+        state = tokenizer_lib.train(config, str(tmp_path))
     assert int(state.step) == 1
     assert np.isfinite(jax.device_get(jax.tree.leaves(state.params)[0])).all()
 
@@ -173,7 +173,7 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
     config.tokenizer_train.batch_size = 6
     config.lock()
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        TokenizerTrainer(config, str(tmp_path))
+        tokenizer_lib.train(config, str(tmp_path))
 
 
 def test_incompatible_checkpoint_is_refused_and_untouched(tmp_path):
@@ -181,7 +181,7 @@ def test_incompatible_checkpoint_is_refused_and_untouched(tmp_path):
     config.unlock()
     config.tokenizer_train.num_steps = 2
     config.lock()
-    TokenizerTrainer(config, str(tmp_path)).train()
+    tokenizer_lib.train(config, str(tmp_path))
     ckpt_dir = tmp_path / "checkpoints" / "tokenizer"
     before = sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*"))
     other = tiny_config.get_config()
@@ -189,7 +189,7 @@ def test_incompatible_checkpoint_is_refused_and_untouched(tmp_path):
     other.tokenizer.ch = 16
     other.lock()
     with pytest.raises(IncompatibleCheckpointError, match="different model configuration"):
-        TokenizerTrainer(other, str(tmp_path)).train()
+        tokenizer_lib.train(other, str(tmp_path))
     assert sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*")) == before
 
 

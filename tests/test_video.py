@@ -16,9 +16,7 @@ from vqgen.generators import magvit as mv
 from vqgen.generators import maskgit as mg
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, os.path.join(ROOT, "configs", "generators"))
-
-import magvit as magvit_config  # noqa: E402
+magvit_config = config_lib.load_config_module("generators/magvit")
 
 K, C = 32, 10
 GRID = (2, 4, 4)  # t, h, w: L = 32; clips of 8 frames (temporal factor 4)
@@ -151,9 +149,9 @@ def test_loss_finite_and_learns_one_batch():
 
 def test_sample_task_keeps_known_tokens_and_class_sampling():
     model, params = _model()
-    opts = mv.sampler_options(config_lib.sample_config(num_steps=4, cfg_scale=1.0, task="frame_prediction",
+    opts = mv.sampler_options(config_lib.sample_config("magvit", num_steps=4, cfg_scale=1.0, task="frame_prediction",
                                                        cond_frames=4).to_dict())
-    assert opts.task == "frame_prediction" and opts.cond_frames == 4 and opts.decode.num_steps == 4
+    assert opts.task == "frame_prediction" and opts.cond_frames == 4 and opts.num_steps == 4
     b = 3
     known = mv.task_known_mask(model, "frame_prediction", b, cond_frames=4)
     np.testing.assert_array_equal(np.asarray(known[0]), FIRST_FRAME)
@@ -169,7 +167,7 @@ def test_sample_task_keeps_known_tokens_and_class_sampling():
     np.testing.assert_array_equal(np.asarray(out2), out)
     with pytest.raises(ValueError, match="grid"):
         mv.sample_task(model, params, jnp.arange(b), jax.random.key(0), opts, cond[:, :16], known[:, :16])
-    with pytest.raises(ValueError, match="sample_task"):
+    with pytest.raises(ValueError, match="needs a condition clip"):
         mv.sample(model, params, jnp.arange(b), jax.random.key(0), opts)
     import dataclasses
 
@@ -197,69 +195,82 @@ def test_configs_build():
 
 # ------------------------------------------------------------------ trainers on moving MNIST
 
+# Every phase of the video family through the one command line, on a tiny variant of
+# configs/generators/magvit.py (16x16 clips of 4 frames -> 2x8x8 tokens of a 16-code FSQ).
+TINY_OVERRIDES = [
+    "--config.tokenizer.ch=4", "--config.tokenizer.ch_mult=(1,2)", "--config.tokenizer.temporal_downsample=(True,)",
+    "--config.tokenizer.z_channels=8", "--config.tokenizer.embed_dim=2", "--config.tokenizer.norm_groups=2",
+    "--config.tokenizer.num_frames=4", "--config.tokenizer.quantizer.levels=(4,4)",
+    "--config.data.image_size=16", "--config.data.eval_examples=8",
+    "--config.generator.width=16", "--config.generator.depth=1", "--config.generator.num_heads=2",
+    "--config.generator.mlp_dim=32", "--config.generator.num_frames=4", "--config.generator.cond_frames=2",
+    "--config.tokenizer_train.num_steps=1", "--config.tokenizer_train.batch_size=8",
+    "--config.tokenizer_train.save_every=1", "--config.tokenizer_train.log_every=1",
+    "--config.tokenizer_train.warmup_steps=0",
+    "--config.generator_train.num_steps=2", "--config.generator_train.batch_size=8",
+    "--config.generator_train.save_every=2", "--config.generator_train.log_every=1",
+    "--config.generator_train.warmup_steps=0",
+    "--config.sample.num_steps=2", "--config.sample.cond_frames=2", "--config.sample.batch_size=8",
+    "--config.video.eval_clips=3", "--config.video.cache_clips=8",
+]
 
-def _tiny_config():
-    c = magvit_config.get_config("moving_mnist")
-    c.unlock()
-    t = c.tokenizer
-    t.ch, t.ch_mult, t.temporal_downsample, t.z_channels, t.embed_dim, t.norm_groups = 4, (1, 2), (True,), 8, 2, 2
-    t.num_frames, t.quantizer.levels = 4, (4, 4)  # 16 codes
-    c.data.image_size, c.data.eval_examples = 16, 8
-    c.generator.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32, num_frames=4, cond_frames=2))
-    tt = c.tokenizer_train
-    tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.warmup_steps = 1, 8, 1, 1, 0
-    gt = c.generator_train
-    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 2, 8, 2, 1, 0
-    c.sample.num_steps, c.sample.cond_frames = 2, 2
-    c.video.eval_clips, c.video.eval_batch_size, c.video.cache_clips = 3, 8, 8
-    c.lock()
-    return c
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
-@pytest.mark.slow  # ~2.5 min on the shared 2-core CPU: five compiles (tokenizer step/eval, generator, sampler)
-def test_one_tokenizer_and_generator_step_then_frame_prediction_eval(tmp_path):
-    from vqgen.data import tokens as token_data
-    from vqgen.train import run as run_lib
-    from vqgen.train import video
-    from vqgen.train.generator import GeneratorTrainer
+def test_every_video_phase_through_the_one_command_line(tmp_path):
+    """tokenizer -> generator -> frame-prediction samples -> PSNR against the baselines, with
+    ``python -m vqgen.main --config=configs/generators/magvit.py`` (about 2 minutes here)."""
+    import subprocess
 
-    config, workdir = _tiny_config(), str(tmp_path)
-    tok = run_lib.train_tokenizer(config, workdir)
-    assert tok["steps"] == 1 and np.isfinite(tok["psnr"])
-    trainer = GeneratorTrainer(config, workdir)
-    assert trainer.grid == (2, 8, 8)
-    # A small token cache made by the real tokenizer (the full split would take minutes here).
-    from vqgen import data as vdata
-
-    src = vdata.make_source("moving_mnist", "train", image_size=16, num_frames=4, seed=0)
-    arrays = vdata.eval_arrays(src, max_examples=8)
-    toks = trainer.tokenizer.encode(arrays["image"], 8).reshape(8, 1, -1)
-    token_data.write_token_cache(trainer.cache_path, toks, arrays["label"], trainer.grid, trainer.tokenizer.step)
-    state = trainer.train()
-    assert int(state.step) == 2
-    metrics = video.evaluate_frame_prediction(config, workdir, trainer=trainer)
-    assert metrics["num_clips"] == 3 and metrics["cond_frames"] == 2
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vqgen.main", "--config=configs/generators/magvit.py", f"--workdir={workdir}",
+           *TINY_OVERRIDES]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((workdir / "report.json").read_text())
+    assert set(report) >= {"tokenizer", "generator", "sampling", "video"}
+    assert report["tokenizer"]["steps"] == 1 and np.isfinite(report["tokenizer"]["psnr"])
+    assert report["generator"]["steps"] == 2
+    v = report["video"]
+    assert v["num_clips"] == 3 and v["cond_frames"] == 2 and v["predicted_frames"] == "3-4"
     for key in ("psnr_prediction", "psnr_copy_last_frame", "psnr_zeros", "psnr_tokenizer_all_frames"):
-        assert np.isfinite(metrics[key]), key
-    assert len(metrics["psnr_prediction_per_frame"]) == 2
-    with open(os.path.join(workdir, "report.json")) as f:
-        assert json.load(f)["video"]["psnr_prediction"] == metrics["psnr_prediction"]
-    # the prediction keeps the condition: its given frames decode from the condition tokens
-    known, ctoks = video.condition_tokens(trainer, arrays["image"][:2], "frame_prediction", 2, 8)
-    assert known.shape == (2, 128) and known[:, :64].all() and not known[:, 64:].any()
+        assert np.isfinite(v[key]), key
+    assert len(v["psnr_prediction_per_frame"]) == 2
+    with np.load(workdir / "samples" / "samples.npz") as f:
+        images, truth = f["images"], f["ground_truth"]
+        assert images.dtype == np.uint8 and images.shape == truth.shape == (3, 4, 16, 16, 1)
+        assert str(f["task"]) == "frame_prediction"
+    assert (workdir / "samples" / "grid.png").stat().st_size > 0
+    assert "workdir:" in out.stdout and "samples:" in out.stdout and "report in" in out.stdout
+
+
+def test_condition_clips_of_the_wrong_length_are_one_clear_error():
+    model, _ = _model()
+    opts = mv.sampler_options(config_lib.sample_config("magvit", task="frame_prediction", cond_frames=4).to_dict())
+    clips = np.zeros((2, 8, 16, 16, 1), np.float32)
+    known, video = mv.condition_inputs(model, opts, clips)
+    assert known.shape == (2, L) and video.shape == clips.shape
+    np.testing.assert_array_equal(known[0], FIRST_FRAME)
     with pytest.raises(ValueError, match="frames"):
-        video.condition_tokens(trainer, arrays["image"][:2, :3], "frame_prediction", 2, 8)
+        mv.condition_inputs(model, opts, clips[:, :3])
+    with pytest.raises(ValueError, match=r"\[N, T, H, W, C\]"):
+        mv.condition_inputs(model, opts, clips[:, 0])
 
 
 @pytest.mark.slow
 def test_moving_mnist_frame_prediction_beats_copy_last(tmp_path):
     """The acceptance run (about 12 minutes on the shared 2-core CPU): tokenizer, generator,
     frame prediction from 4 frames on 32 held-out clips, against the baselines."""
-    from vqgen.train import video
+    from vqgen.train import run as run_lib
 
     config = magvit_config.get_config("moving_mnist")
-    out = video.run(config, str(tmp_path))
-    tok, v = out["tokenizer"], out["video"]
+    assert run_lib.run(config, str(tmp_path), "all") == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    tok, v = report["tokenizer"], report["video"]
     assert v["num_clips"] >= 32 and v["cond_frames"] == 4
     # the tokenizer reconstructs better than a black clip and uses more than a handful of codes
     assert tok["psnr"] > v["psnr_zeros"] + 2.0, (tok, v)
