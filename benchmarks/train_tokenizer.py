@@ -1,7 +1,7 @@
 """Tokenizer train-step throughput (images/s), memory and model FLOPs utilisation.
 
-The step measured is the real one: :class:`vqgen.train.tokenizer.TokenizerTrainer` builds the
-state and its jitted, donated step (tokenizer forward, ``jax.vjp`` pulled back twice for the
+The step measured is the real one: :func:`vqgen.train.tokenizer.build` makes the phase from a run
+config and :func:`vqgen.train.common.compile_phase` its jitted, donated step (tokenizer forward, ``jax.vjp`` pulled back twice for the
 reconstruction and GAN gradients, discriminator update with its regularisers, AdamW, EMA) from a
 run config, and the benchmark times that compiled step on a fixed batch. Cases:
 
@@ -20,37 +20,23 @@ measured float32 matmul peak (:func:`benchmarks.common.matmul_peak`). The first 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import chex
 import jax
 import numpy as np
 
 from benchmarks import common
-from vqgen import parallel
+from vqgen import config_lib, parallel
 from vqgen.train import common as train_common
-from vqgen.train.tokenizer import TokenizerTrainer
+from vqgen.train import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(relpath: str, arg: str | None = None):
-    """``get_config(arg)`` of a config file given relative to the repository root."""
-    path = os.path.join(ROOT, relpath)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} does not exist; run the benchmark from a vqgen checkout.")
-    spec = importlib.util.spec_from_file_location(f"_bench_cfg_{os.path.basename(path)[:-3]}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 def bench_config(config, *, name: str, reps: int, warmup: int = 1, images: np.ndarray | None = None,
@@ -63,37 +49,37 @@ def bench_config(config, *, name: str, reps: int, warmup: int = 1, images: np.nd
     measurements as a dict.
     """
     tc = config.tokenizer_train
-    chex.clear_trace_counter()  # the step's max-traces guard counts across trainers
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = TokenizerTrainer(config, workdir)
-        b, s, c = int(tc.batch_size), trainer.image_size, trainer.channels
-        if images is None:
-            images = np.random.default_rng(0).uniform(-1, 1, (b, s, s, c)).astype(np.float32)
-        batch = trainer.put_batch({"image": images, "label": np.zeros((b,), np.int32)})
+    phase = tokenizer_lib.build(config)  # the very step the trainer runs, from the config alone
+    mesh = parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
+    b = int(tc.batch_size)
+    if images is None:
+        images = np.random.default_rng(0).uniform(-1, 1, phase.batch["image"].shape).astype(np.float32)
+    batch = train_common.put_batch({"image": images, "label": np.zeros((b,), np.int32)}, mesh, phase.batch)
+    t0 = time.perf_counter()
+    state, shardings = train_common.create_state(phase, mesh, rules)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    n_params = train_common.count_params(state.params)
+    n_disc = train_common.count_params(state.disc_params) if state.disc_params is not None else 0
+    frozen = phase.load_frozen()
+    rng = jax.random.key(1)
+    with parallel.mesh_context(mesh, rules):
+        step = train_common.compile_phase(phase, mesh, shardings)
         t0 = time.perf_counter()
-        state, shardings = trainer.create_state()
-        jax.block_until_ready(state)
-        init_s = time.perf_counter() - t0
-        n_params = train_common.count_params(state.params)
-        n_disc = train_common.count_params(state.disc_params) if state.disc_params is not None else 0
-        lp = None if trainer.perceptual is None else trainer.perceptual[1]
-        rng = jax.random.key(1)
-        with parallel.mesh_context(trainer.mesh, trainer.rules):
-            step = trainer.compiled_step(shardings)
-            t0 = time.perf_counter()
-            compiled = step.lower(state, batch, rng, lp).compile()
-            compile_s = time.perf_counter() - t0
-            stats = common.compiled_stats(compiled)
-            holder = {"state": state}
+        compiled = step.lower(state, batch, rng, *frozen).compile()
+        compile_s = time.perf_counter() - t0
+        stats = common.compiled_stats(compiled)
+        holder = {"state": state}
 
-            def once():
-                holder["state"], metrics = compiled(holder["state"], batch, rng, lp)
-                holder["loss"] = metrics["loss"]
-                return metrics["loss"]
+        def once():
+            holder["state"], metrics = compiled(holder["state"], batch, rng, *frozen)
+            holder["loss"] = metrics["loss"]
+            return metrics["loss"]
 
-            # The step is compiled ahead of time, so even a first call times no compilation.
-            timing = common.time_fn(once, warmup=warmup, reps=reps)
-            loss = float(holder["loss"])
+        # The step is compiled ahead of time, so even a first call times no compilation.
+        timing = common.time_fn(once, warmup=warmup, reps=reps)
+        loss = float(holder["loss"])
     peak = common.matmul_peak()
     flops = stats["xla_flops"]
     step_s = timing["median_s"]
@@ -114,12 +100,12 @@ def bench_config(config, *, name: str, reps: int, warmup: int = 1, images: np.nd
 
 def quickstart_config():
     """``configs/quickstart.py`` unchanged."""
-    return load_config("configs/quickstart.py")
+    return config_lib.load_config("quickstart")
 
 
 def maskgit_config(batch: int):
     """The MaskGIT VQGAN run config at 256x256 with ``batch`` images and the perceptual term off."""
-    c = load_config("configs/tokenizers/maskgit_vqgan.py")
+    c = config_lib.load_config("tokenizers/maskgit_vqgan")
     c.unlock()
     c.tokenizer_train.batch_size = batch
     c.tokenizer_train.perceptual_weight = 0.0

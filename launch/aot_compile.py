@@ -166,7 +166,7 @@ def main(argv: list[str]) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from vqgen.main import UserError, prepare_argv
+    from vqgen.config_lib import UserError, resolve_argv
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config name or file (name_or_path[:variant]).",
                                                   lock_config=True)
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
             _print_report(compile_step(config, target, devices, mesh_shape))
 
     try:
-        argv = prepare_argv(argv)
+        argv = resolve_argv(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

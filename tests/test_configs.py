@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from vqgen import config_lib
 from vqgen.train import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +27,7 @@ EXTRA_VARIANTS = {"configs/quickstart.py": ("gpt", "maskgit")}
 
 
 def _load_module(rel_path: str):
-    name = "_test_config_" + rel_path.replace("/", "_").replace(".", "_")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.load_config_module(os.path.join(ROOT, rel_path))
 
 
 def _variants(rel_path: str) -> tuple:
@@ -236,7 +233,10 @@ def test_slurm_and_xpk_dry_runs():
 
 
 def _aot_module():
-    return _load_module("launch/aot_compile.py")
+    spec = importlib.util.spec_from_file_location("_test_aot_compile", os.path.join(ROOT, "launch", "aot_compile.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_aot_topology_names():
@@ -255,22 +255,51 @@ def test_aot_topology_names():
         aot.tpu_topology_kwargs("tpu7-9")
 
 
-def test_aot_compile_generator_step_on_a_2x4_cpu_mesh():
-    """The GPT train step of the tiny config compiles on a 2x4 mesh from abstract inputs alone.
+def _tiny(name: str):
+    if name == "video":
+        return config_lib.load_config(os.path.join(ROOT, "tests", "tiny_video_config.py"))
+    return config_lib.load_config(os.path.join(ROOT, "tests", "tiny_config.py"), name)
 
-    (The tokenizer step goes through the same code; it compiles ~3x slower on this CPU, so the
-    fast suite covers the generator.)"""
+
+@pytest.mark.parametrize("config_name,target", [
+    ("gpt", "tokenizer"), ("gpt", "generator"), ("maskgit", "generator"), ("video", "tokenizer"),
+    ("video", "generator"),
+])
+def test_aot_compile_every_family_on_a_2x4_cpu_mesh(config_name, target):
+    """Each family's train step compiles on a 2x4 mesh from abstract inputs alone: the conv
+    tokenizer, the GPT, MaskGIT, and MAGVIT's 3D tokenizer and video transformer (its token
+    grid is (t, h, w), from the same token spec the trainer uses)."""
     import jax
 
     aot = _aot_module()
-    tiny = _load_module("tests/tiny_config.py").get_config("gpt")
-    report = aot.compile_step(tiny, "generator", jax.devices()[:8], (2, 4, 1))
+    report = aot.compile_step(_tiny(config_name), target, jax.devices()[:8], (2, 4, 1))
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["num_devices"] == 8
     mem = report["memory_per_device"]
     assert mem["argument_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] > 0
-    assert report["flops_per_device"] > 0
+    assert report["flops_per_device"] > 0 and report["params"] > 0
+
+
+def test_aot_compile_errors():
+    import jax
+
+    aot = _aot_module()
+    tiny = _tiny("gpt")
     tiny.generator_train.batch_size = 12
     with pytest.raises(ValueError, match="not divisible"):
         aot.compile_step(tiny, "generator", jax.devices()[:8], (2, 4, 1))
     with pytest.raises(ValueError, match="unknown --target"):
         aot.compile_step(tiny, "sampler", jax.devices()[:8], (2, 4, 1))
+
+
+def test_aot_command_line_by_config_name():
+    """``launch/aot_compile.py --config=NAME`` compiles every phase the config has and prints one
+    JSON report per phase (the quickstart by name, from the repository root, on cpu:8)."""
+    out = subprocess.run([sys.executable, "launch/aot_compile.py", "--config=tests/tiny_config.py:maskgit",
+                          "--topology=cpu:8", "--mesh_shape=2,4,1", "--target=generator"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["target"] for r in reports] == ["generator"] and reports[0]["num_devices"] == 8
+    bad = subprocess.run([sys.executable, "launch/aot_compile.py", "--config=quickstrat"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no config named 'quickstrat'" in bad.stderr and "quickstart" in bad.stderr

@@ -1,7 +1,6 @@
 """MaskGIT: mask schedules, the masked-token loss, the parallel-decoding sampler, the family
 adapter and the ImageNet config's parameter count."""
 import functools
-import importlib.util
 import math
 import os
 
@@ -308,11 +307,7 @@ def test_family_adapter_from_config_sections():
 
 
 def _load_config(arg=None):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "generators", "maskgit.py")
-    spec = importlib.util.spec_from_file_location("maskgit_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config("generators/maskgit", arg)
 
 
 def test_imagenet_config_parameter_count_matches_paper():

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -144,6 +145,64 @@ def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict
              log_every=50, save_every=500, keep=2, image_every=0)
     d.update(kw)
     return ml_collections.ConfigDict(d)
+
+
+# ------------------------------------------------------------------ command lines
+
+
+class UserError(Exception):
+    """A mistake on the command line, found before absl parses the flags."""
+
+
+def _config_arg(argv: list[str]) -> tuple[int, str] | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return i, a.split("=", 1)[1]
+    return None
+
+
+def _override_error(config, path: str) -> str | None:
+    """A sentence for ``--config.<path>=`` when ``path`` is not a key of ``config``, else None."""
+    node, done = config, []
+    for part in path.split("."):
+        if hasattr(node, "keys") and part in node:
+            node = node[part]
+            done.append(part)
+            continue
+        where = ".".join(done)
+        keys = sorted(node.keys()) if hasattr(node, "keys") else []
+        if where == "sample" and "generator" in config:
+            return (f"sample.{part} is not read by the {config.generator.arch!r} generator; its sample keys are "
+                    f"{keys} (remove --config.{path}).")
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"; did you mean --config.{'.'.join(done + [close[0]])}?" if close else f"; the keys there are {keys}."
+        return f"--config.{path}: the config has no key {'.'.join(done + [part])!r}{hint}"
+    return None
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+    """Resolves ``--config=NAME[:variant]`` to its file and checks every ``--config.x=`` override.
+
+    Raises :class:`UserError` with one sentence for an unknown config name or key.
+    """
+    found = _config_arg(argv)
+    if found is None:
+        return argv
+    i, spec = found
+    try:
+        path, arg = resolve_config(spec)
+        overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)=", a))]
+        if overrides:
+            config = load_config(str(path), arg)
+            for key in overrides:
+                message = _override_error(config, key)
+                if message:
+                    raise UserError(message)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    argv = list(argv)
+    argv[i] = f"--config={path}" + (f":{arg}" if arg else "")
+    return argv
 
 
 # Sampling defaults of the run configs where they differ from the samplers' own defaults.

@@ -13,9 +13,7 @@ end in one sentence on stderr (exit code 2); ``--verbosity=1`` shows the traceba
 """
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import sys
 
 from absl import app, flags, logging
@@ -34,61 +32,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 # Errors that are the user's to fix: shown as one sentence unless --verbosity >= 1.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IncompatibleCheckpointError)
-
-
-class UserError(Exception):
-    """A mistake on the command line, found before absl parses the flags."""
-
-
-def _config_arg(argv: list[str]) -> tuple[int, str] | None:
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return i, a.split("=", 1)[1]
-    return None
-
-
-def _override_error(config, path: str) -> str | None:
-    """A sentence for ``--config.<path>=`` when ``path`` is not a key of ``config``, else None."""
-    node, done = config, []
-    for part in path.split("."):
-        if hasattr(node, "keys") and part in node:
-            node = node[part]
-            done.append(part)
-            continue
-        where = ".".join(done)
-        keys = sorted(node.keys()) if hasattr(node, "keys") else []
-        if where == "sample" and "generator" in config:
-            return (f"sample.{part} is not read by the {config.generator.arch!r} generator; its sample keys are "
-                    f"{keys} (remove --config.{path}).")
-        close = difflib.get_close_matches(part, keys, n=1)
-        hint = f"; did you mean --config.{'.'.join(done + [close[0]])}?" if close else f"; the keys there are {keys}."
-        return f"--config.{path}: the config has no key {'.'.join(done + [part])!r}{hint}"
-    return None
-
-
-def prepare_argv(argv: list[str]) -> list[str]:
-    """Resolves ``--config=NAME[:variant]`` to its file and checks every ``--config.x=`` override.
-
-    Raises :class:`UserError` with one sentence for an unknown config name or key.
-    """
-    found = _config_arg(argv)
-    if found is None:
-        return argv
-    i, spec = found
-    try:
-        path, arg = config_lib.resolve_config(spec)
-        overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)=", a))]
-        if overrides:
-            config = config_lib.load_config(str(path), arg)
-            for key in overrides:
-                message = _override_error(config, key)
-                if message:
-                    raise UserError(message)
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    argv = list(argv)
-    argv[i] = f"--config={path}" + (f":{arg}" if arg else "")
-    return argv
 
 
 def _verbose() -> bool:
@@ -123,8 +66,8 @@ def run(argv: list[str] | None = None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     argv = list(sys.argv if argv is None else argv)
     try:
-        argv = prepare_argv(argv)
-    except UserError as e:
+        argv = config_lib.resolve_argv(argv)
+    except config_lib.UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     app.run(main, argv=argv)
