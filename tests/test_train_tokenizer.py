@@ -2,6 +2,7 @@
 SIGTERM checkpoints, the tfds path offline, and clear errors for bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert not (killed / "report.json").exists(), "the run finished before it was killed"
     done = subprocess.run(_cli(killed, *steps), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"tokenizer: resuming from step (3|6|9|12|15|18|21|24|27) to 30", done.stdout), done.stdout
     a, b = _final_params(straight), _final_params(killed)
     assert int(a.step) == int(b.step) == 30
     chex.assert_trees_all_close(b.params, a.params, atol=1e-6, rtol=0)

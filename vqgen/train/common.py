@@ -23,8 +23,9 @@ import numpy as np
 import optax
 from absl import logging
 from PIL import Image
-from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from vqgen import parallel
 from vqgen.checkpoint import Checkpointer
@@ -121,11 +122,7 @@ class MetricWriter:
         self._tb = None
         if self.logdir:
             os.makedirs(self.logdir, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(self.logdir, flush_secs=30)
-            except Exception as e:  # pragma: no cover - tensorboardX is a dependency
-                logging.warning("TensorBoard writer unavailable (%s); writing JSON lines only.", e)
+            self._tb = SummaryWriter(self.logdir, flush_secs=30)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.logdir:
@@ -281,15 +278,21 @@ class Phase:
                             fingerprint=self.fingerprint)
 
 
+def abstract_sharded(init_fn: Callable[[jax.Array], Any], seed: int, mesh, rules) -> tuple[Any, Any]:
+    """``(abstract tree with shardings, shardings)`` of what ``init_fn(rng)`` returns (unboxed),
+    placed by the logical rules on ``mesh``; nothing is allocated. Restore targets and AOT inputs."""
+    key = jax.random.key(seed)  # made outside the mesh: compile-only devices hold no arrays
+    with parallel.mesh_context(mesh, rules):
+        boxed = jax.eval_shape(init_fn, key)
+        shardings = parallel.logical_to_sharding(boxed, mesh, rules)
+    tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        parallel.unbox(boxed), shardings)
+    return tree, shardings
+
+
 def abstract_state(phase: Phase, mesh, rules) -> tuple[Any, Any]:
     """``(abstract state with shardings, shardings)`` of ``phase`` on ``mesh``; nothing is allocated."""
-    key = jax.random.key(phase.init_seed)  # made outside the mesh: compile-only devices hold no arrays
-    with parallel.mesh_context(mesh, rules):
-        boxed = jax.eval_shape(phase.init, key)
-        shardings = parallel.logical_to_sharding(boxed, mesh, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         parallel.unbox(boxed), shardings)
-    return state, shardings
+    return abstract_sharded(phase.init, phase.init_seed, mesh, rules)
 
 
 def step_args(phase: Phase, mesh, state: Any) -> tuple:

@@ -248,11 +248,7 @@ def _restore_params(config, workdir: str, mesh, rules, model, family, spec, use_
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no generator checkpoint in {ckpt.directory}; run --mode=train_generator first.")
         ckpt.check_compatible()
-        with parallel.mesh_context(mesh, rules):
-            boxed = jax.eval_shape(functools.partial(family.init_params, model), jax.random.key(0))
-            shardings = parallel.logical_to_sharding(boxed, mesh, rules)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              parallel.unbox(boxed), shardings)
+        target, _ = common.abstract_sharded(functools.partial(family.init_params, model), 0, mesh, rules)
         field = "ema_params" if use_ema else "params"
         restored, meta = ckpt.restore_subset({field: target})
     finally:

@@ -377,12 +377,8 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
                 f"the tokenizer in {directory} was trained with another tokenizer architecture ({'; '.join(diffs[:3])}); "
                 "use the config it was trained with, or train a tokenizer for this config in a new --workdir.")
         model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
-        abstract = jax.eval_shape(functools.partial(_variables, model=model, example=builders.example_shape(config)),
-                                  jax.random.key(0))
-        with parallel.mesh_context(mesh, rules):
-            shardings = parallel.logical_to_sharding(abstract, mesh, rules)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              parallel.unbox(abstract), shardings)
+        target, _ = common.abstract_sharded(
+            functools.partial(_variables, model=model, example=builders.example_shape(config)), 0, mesh, rules)
         params_target = target.pop("params")
         wanted = {"ema_params": params_target, **({"model_state": target} if target else {})}
         restored, meta = ckpt.restore_subset(wanted)
