@@ -6,7 +6,8 @@ Measures, for GPT-B at vocab 16384 and 256 tokens (16x16), float32:
   the no-cache baseline that recomputes the full padded sequence every step
   (``gpt.sample_without_cache``; every step costs the same, so a few steps give its rate), and
   the cache speed-up; batch 8 also with CFG (scale 4, doubled batch);
-- the train step (AdamW, batch 8, 256 tokens): tokens/s and model FLOPs utilisation against a
+- the train step of the ``generators/llamagen:B`` config's generator phase in float32 (AdamW
+  with clipping, dropout, EMA; batch 8, 256 tokens): tokens/s and model FLOPs utilisation against a
   measured float32 4096x4096 matmul peak. Model FLOPs per token are ``6 * N_matmul +
   12 * depth * width * T`` (PaLM's formula: N_matmul excludes the embedding lookups,
   ``T = 256`` the context); XLA's own cost-analysis count is reported beside it;
@@ -37,10 +38,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks import common
+from vqgen import config_lib, parallel
 from vqgen.generators import gpt
+from vqgen.train import common as train_common
+from vqgen.train import generator as generator_lib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -116,34 +119,39 @@ def bench_sampling(model, params, batches, reps: int, no_cache_steps: int, cfg_b
     return out
 
 
+def train_config(batch_size: int):
+    """``configs/generators/llamagen.py:B`` in float32 at ``batch_size`` on the local devices."""
+    config = config_lib.load_config("generators/llamagen", "B")
+    config.generator.dtype = "float32"
+    config.generator_train.batch_size = batch_size
+    config.mesh_shape = (-1, 1, 1)
+    return config
+
+
 def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, stats: dict) -> dict:
-    tx = optax.adamw(1e-4, weight_decay=0.05)
-
-    def step(params, opt_state, batch, rng):
-        (loss, _), grads = jax.value_and_grad(functools.partial(gpt.loss_fn, model), has_aux=True)(params, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    """The GPT-B train step exactly as vqgen trains it: the generator phase of the LlamaGen-B config
+    (AdamW with clipping, dropout, class dropout, EMA), float32, on random tokens."""
+    del params  # the phase initialises its own state, as the trainer does
+    config = train_config(batch_size)
+    phase = generator_lib.build(config)
+    mesh = parallel.create_mesh(tuple(config.mesh_shape))
+    rules = parallel.rules_from_config(config.logical_rules)
     n = model.block_size
-    batch = {
-        "tokens": jax.random.randint(jax.random.key(3), (batch_size, n), 0, model.vocab_size),
-        "labels": jnp.arange(batch_size, dtype=jnp.int32) % model.num_classes,
-    }
-    params = jax.tree.map(jnp.copy, params)
-    opt_state = tx.init(params)
-    jstep = jax.jit(step, donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    compiled = jstep.lower(params, opt_state, batch, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
+    state, shardings = train_common.create_state(phase, mesh, rules)
+    batch = train_common.put_batch({
+        "tokens": np.asarray(jax.random.randint(jax.random.key(3), (batch_size, n), 0, model.vocab_size)),
+        "label": np.arange(batch_size, dtype=np.int32) % model.num_classes}, mesh, phase.batch)
+    with parallel.mesh_context(mesh, rules):
+        t0 = time.perf_counter()
+        compiled = train_common.compile_phase(phase, mesh, shardings).lower(state, batch, jax.random.key(0)).compile()
+        compile_s = time.perf_counter() - t0
     compiled_stats = common.compiled_stats(compiled)
     xla_flops = compiled_stats["xla_flops"] if compiled_stats["xla_flops"] is not None else float("nan")
+    holder = {"state": state}
 
-    state = {"p": params, "o": opt_state}
-
-    def run_once(i=[0]):  # noqa: B006 - a step counter for fresh keys
-        i[0] += 1
-        state["p"], state["o"], loss = compiled(state["p"], state["o"], batch, jax.random.key(i[0]))
-        loss.block_until_ready()
+    def run_once():
+        holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(1))
+        metrics["loss"].block_until_ready()
 
     run_once()
     t = _best_time(run_once, reps)
@@ -179,7 +187,7 @@ def _table(sampling_rows: list[dict], train: dict) -> list[dict]:
     rows.append(common.row(
         "sample_gpt", f"GPT-B train step, batch {train['batch']} x {train['seq_len']}", throughput=train["tokens_per_s"],
         unit="tokens/s", step_s=train["step_seconds"], peak_rss_mib=train["peak_rss_mib"],
-        compiled_mib=mem["total"] if mem else None, mfu=train["mfu"], note="AdamW, float32; MFU by 6N+12LDT"))
+        compiled_mib=mem["total"] if mem else None, mfu=train["mfu"], note="vqgen generator phase (AdamW, clip, dropout, EMA), float32; MFU by 6N+12LDT"))
     return rows
 
 
