@@ -314,7 +314,7 @@ class TfdsSource:
             self.split = split
         except tfds.core.registered.DatasetNotFoundError as e:
             raise ValueError(
-                f"TFDS has no dataset named {name!r}; check the spelling in data.name='tfds:<name>'."
+                f"TFDS has no dataset named {name!r}; check the spelling in data.source='tfds:<name>'."
             ) from e
         except Exception as e:  # noqa: BLE001 - unprepared data surfaces as several exception types
             fallback = None
@@ -406,7 +406,7 @@ class FolderSource:
         if not root.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.path!r} does not exist (or is not a folder); pass an existing folder "
-                f"as data.name='folder:<path>'."
+                f"as data.source='folder:<path>'."
             )
         if (root / split).is_dir():
             root = root / split
