@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from vqgen import generators, parallel
 from vqgen.checkpoint import Checkpointer
@@ -267,7 +268,7 @@ def load_generator(config, workdir: str, mesh=None, *, use_ema: bool | None = No
     use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
     params, step = _restore_params(config, workdir, mesh, rules, model, family, spec, use_ema)
     if tokenizer is True:
-        has = os.path.isdir(os.path.join(workdir, "checkpoints", tokenizer_lib.NAME))
+        has = (epath.Path(workdir) / "checkpoints" / tokenizer_lib.NAME).exists()  # local or gs://
         tokenizer = tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh) if has else None
     return TrainedGenerator(config=config, family=family, model=model, params=params, spec=spec,
                             tokenizer=tokenizer or None, mesh=mesh, rules=rules, step=step)
