@@ -157,11 +157,26 @@ def test_bad_input_on_the_command_line(workdir, tmp_path):
     afile.write_text("x")
     _one_sentence(_cli(f"--config={CONFIG}", f"--workdir={afile}"), "is a file")
     # a workdir whose tokenizer was trained with another tokenizer architecture
+    before = (workdir / "config.json").read_text()
     res = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=train_generator", "--config.tokenizer.ch=16")
     _one_sentence(res, "another tokenizer architecture", "tokenizer.ch")
+    assert (workdir / "config.json").read_text() == before  # a refused run writes nothing
+    assert not list(workdir.glob("config.*.json"))
     # --verbosity=1 shows the traceback
     verbose = _cli(f"--config={CONFIG}", f"--workdir={afile}", "--verbosity=1")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_a_changed_config_keeps_the_previous_one(tmp_path):
+    config = tiny_config.get_config()
+    run_lib.write_config(config, str(tmp_path))
+    run_lib.write_config(config, str(tmp_path))  # the same config: nothing to keep
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    config.sample.per_class = 3
+    run_lib.write_config(config, str(tmp_path))
+    kept = list(tmp_path.glob("config.*.json"))
+    assert len(kept) == 1 and '"per_class": 2' in kept[0].read_text()
+    assert '"per_class": 3' in (tmp_path / "config.json").read_text()
 
 
 def test_console_script_finds_configs_by_name_from_any_directory(tmp_path):

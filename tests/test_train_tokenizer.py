@@ -127,6 +127,9 @@ def test_exact_resume_after_sigkill(tmp_path):
     done = subprocess.run(_cli(killed, *steps), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"tokenizer: resuming from step (3|6|9|12|15|18|21|24|27) to 30", done.stdout), done.stdout
+    # the metrics log holds every step once: the steps replayed after the resume replace the lost ones
+    logged = [json.loads(line)["step"] for line in (killed / "tb" / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(3, 31, 3)), logged
     a, b = _final_params(straight), _final_params(killed)
     assert int(a.step) == int(b.step) == 30
     chex.assert_trees_all_close(b.params, a.params, atol=1e-6, rtol=0)
@@ -137,7 +140,8 @@ def test_exact_resume_after_sigkill(tmp_path):
         assert rb[k] == pytest.approx(ra[k], abs=1e-6), k
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_save_and_exit_zero(tmp_path, sig):
     proc = subprocess.Popen(
         _cli(tmp_path, "--config.tokenizer_train.num_steps=100000", "--config.tokenizer_train.save_every=50000"),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,12 +152,12 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.time() - t0 < 240
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints" / "tokenizer") if p.isdigit())
     assert steps and 0 < steps[-1] < 50000, steps
-    assert "SIGTERM" in out + err
+    assert signal.Signals(sig).name in out + err and "resume with the same command" in out + err
 
 
 def test_tfds_source_one_step(tmp_path):
@@ -200,3 +204,18 @@ def test_config_key_typo_is_one_clear_error(tmp_path):
                          env=_env(), capture_output=True, text=True)
     assert res.returncode != 0
     assert "nmu_steps" in res.stderr
+
+
+def test_metric_log_drops_steps_a_resumed_run_replays(tmp_path):
+    """Steps logged after the last checkpoint are trained again on resume; they appear once."""
+    writer = common.MetricWriter(str(tmp_path))
+    for step in range(1, 11):
+        writer.scalars(step, {"loss": float(step)})
+    writer.close()
+    resumed = common.MetricWriter(str(tmp_path), start_step=6)  # the last checkpoint was step 6
+    for step in range(7, 9):
+        resumed.scalars(step, {"loss": -float(step)})
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows[-2:]] == [-7.0, -8.0]

@@ -2,7 +2,7 @@
 
 The loop is the same for every phase: a jitted, donated ``step(state, batch, rng, *frozen)``, a
 grain iterator, an Orbax :class:`~vqgen.checkpoint.Checkpointer`, scalars fetched to the host
-every ``log_every`` steps, a progress bar with rate and ETA, a checkpoint on SIGTERM, and a clear
+every ``log_every`` steps, a progress bar with rate and ETA, a checkpoint on SIGTERM or Ctrl-C, and a clear
 error on a non-finite loss.
 """
 from __future__ import annotations
@@ -86,43 +86,67 @@ def count_params(tree: Any) -> int:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM into a flag the loop checks after each step (then: save, exit 0)."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each step
+    (then: save, exit 0); a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None
+        self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            del signum, frame
-            self.requested = True
-            logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+            del frame
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and self.requested:
+                raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
+            self.requested = name
+            logging.warning("%s received: saving a checkpoint after this step and stopping%s.", name,
+                            " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. inside some notebook runners)
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside some notebook runners)
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was written because SIGTERM arrived; the CLI exits 0."""
+    """Raised after a checkpoint was written because SIGTERM or Ctrl-C arrived; the CLI exits 0."""
 
 
 class MetricWriter:
     """TensorBoard scalars and images on process 0, plus a JSON-lines log beside them."""
 
-    def __init__(self, logdir: str | None):
+    def __init__(self, logdir: str | None, start_step: int = 0):
+        """``start_step``: the step a resumed run starts from; what an earlier run logged after it
+        (steps it trained but did not checkpoint, replayed now) is dropped from both logs."""
         self.logdir = logdir if (logdir and parallel.is_main_process()) else None
         self._tb = None
         if self.logdir:
             os.makedirs(self.logdir, exist_ok=True)
-            self._tb = SummaryWriter(self.logdir, flush_secs=30)
+            self._truncate_jsonl(int(start_step))
+            self._tb = SummaryWriter(self.logdir, flush_secs=30, purge_step=int(start_step) + 1 if start_step else None)
+
+    def _truncate_jsonl(self, start_step: int) -> None:
+        path = os.path.join(self.logdir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        if len(keep) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.logdir:
@@ -223,7 +247,8 @@ def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: C
                 checkpointer.save(done, state, data_iter, force=True)
                 checkpointer.wait()
                 bar.close()
-                raise Preempted(f"stopped at step {done} after SIGTERM; the checkpoint is saved.")
+                raise Preempted(f"stopped at step {done} after {guard.requested}; the checkpoint is saved: "
+                                "resume with the same command.")
     bar.close()
     checkpointer.wait()
     return state
@@ -374,7 +399,7 @@ def train_phase(phase: Phase, *, workdir: str, mesh, rules, data_iter: Iterator,
             return state
         say(f"{phase.name}: {'resuming from step ' + str(start) if start else 'training from step 0'} "
             f"to {total}; checkpoints in {ckpt.directory}")
-        writer = MetricWriter(os.path.join(workdir, "tb", phase.name))
+        writer = MetricWriter(os.path.join(workdir, "tb", phase.name), start_step=start)
         frozen = tuple(phase.load_frozen())
         keys = tuple(phase.batch)
         with parallel.mesh_context(mesh, rules):

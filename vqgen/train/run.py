@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from vqgen import parallel
+from vqgen.checkpoint import Checkpointer
 from vqgen.evaluation import fid as fid_lib
 from vqgen.evaluation import judge as judge_lib
 from vqgen.evaluation import video as video_eval
@@ -36,11 +37,48 @@ def check_workdir(workdir: str | None) -> None:
         raise ValueError(f"--workdir={workdir} is a file; pass a directory (it is created when missing).")
 
 
+def validate(config, workdir: str, phases: tuple[str, ...]) -> None:
+    """Everything that can refuse the run, checked before anything is written: the workdir, the
+    config of every phase to run (its models are built), and the compatibility of the checkpoints
+    already in the workdir with this config."""
+    check_workdir(workdir)
+    checks = []
+    if "train_tokenizer" in phases:
+        phase = tokenizer_lib.build(config)
+        checks.append((phase.ckpt_dir(workdir), lambda c: c.check_compatible(), phase.fingerprint))
+    if set(phases) & {"train_generator", "sample", "evaluate"} and "generator" in config:
+        phase = generator_lib.build(config)
+        checks.append((phase.ckpt_dir(workdir), lambda c: c.check_compatible(), phase.fingerprint))
+        checks.append((os.path.join(workdir, "checkpoints", tokenizer_lib.NAME),
+                       lambda c: tokenizer_lib.check_architecture(config, c), None))
+    for directory, check, fingerprint in checks:
+        if "://" in directory or os.path.isdir(directory):  # opening a manager creates a missing folder
+            ckpt = Checkpointer(directory, save_every=1, keep=1, fingerprint=fingerprint)
+            try:
+                if ckpt.latest_step() is not None:
+                    check(ckpt)
+            finally:
+                ckpt.close()
+
+
 def write_config(config, workdir: str) -> None:
-    if parallel.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    """Writes ``config.json``; a different earlier one is kept as ``config.<timestamp>.json``."""
+    if not parallel.is_main_process():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old == text:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _report(workdir: str, section: str, metrics: dict) -> None:
@@ -194,14 +232,15 @@ def run(config, workdir: str | None, mode: str) -> int:
     if mode == "summary":
         summary(config)
         return 0
-    check_workdir(workdir)
+    phases = ALL if mode == "all" else (mode,)
+    validate(config, workdir, phases)
     write_config(config, workdir)
     common.say(f"workdir: {os.path.abspath(workdir) if '://' not in workdir else workdir}")
     mesh = parallel.create_mesh(tuple(config.mesh_shape))
     steps = {"train_tokenizer": train_tokenizer, "train_generator": train_generator, "sample": sample,
              "evaluate": evaluate}
     try:
-        for phase in ALL if mode == "all" else (mode,):
+        for phase in phases:
             t0 = time.perf_counter()
             steps[phase](config, workdir, mesh)
             logging.info("%s took %.1fs", phase, time.perf_counter() - t0)

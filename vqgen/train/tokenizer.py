@@ -369,13 +369,7 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer checkpoint in {directory}; run --mode=train_tokenizer with this --workdir first "
                 "(or --mode=all).")
-        want = architecture_fingerprint(config)
-        stored = ckpt.read_meta().get("fingerprint", {})
-        diffs = _diff_keys({k: stored.get(k) for k in want}, want)
-        if diffs:
-            raise IncompatibleCheckpointError(
-                f"the tokenizer in {directory} was trained with another tokenizer architecture ({'; '.join(diffs[:3])}); "
-                "use the config it was trained with, or train a tokenizer for this config in a new --workdir.")
+        check_architecture(config, ckpt)
         model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
         target, _ = common.abstract_sharded(
             functools.partial(_variables, model=model, example=builders.example_shape(config)), 0, mesh, rules)
@@ -387,6 +381,19 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
     return FrozenTokenizer(model=model, params=restored["ema_params"], model_state=restored.get("model_state", {}),
                            step=int(meta["step"]), spec=builders.token_spec(config), mesh=mesh, rules=rules,
                            batch_size=int(config.tokenizer_train.batch_size))
+
+
+def check_architecture(config, ckpt: Checkpointer) -> None:
+    """Raises :class:`IncompatibleCheckpointError` (one sentence) when the tokenizer checkpoint of
+    ``ckpt`` was trained with another tokenizer architecture than ``config``'s."""
+    want = architecture_fingerprint(config)
+    stored = ckpt.read_meta().get("fingerprint", {})
+    diffs = _diff_keys({k: stored.get(k) for k in want}, want)
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"the tokenizer in {ckpt.directory} was trained with another tokenizer architecture "
+            f"({'; '.join(diffs[:3])}); use the config it was trained with, or train a tokenizer for this config "
+            "in a new --workdir.")
 
 
 def _variables(rng, *, model, example):
