@@ -42,6 +42,7 @@ FAMILIES = {
     "gpt": "vqgen.generators.gpt",
     "maskgit": "vqgen.generators.maskgit",
     "magvit": "vqgen.generators.magvit",
+    "var": "vqgen.generators.var",
 }
 
 

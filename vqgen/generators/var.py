@@ -50,6 +50,8 @@ Deviations from VAR, none of which changes the function computed by VAR's 256px 
 
 - Dropout and attention dropout (``drop_rate``, ``attn_drop_rate``: 0 in every VAR build) and
   progressive training (``prog_si``) are not implemented.
+- VAR's ``forward`` drops labels to the null class in every call, evaluation included; here only
+  with ``train=True``.
 - VAR draws its weights with ``trunc_normal_`` cut at ±2 in absolute value, more than 100
   standard deviations at these widths; a plain normal is used here.
 - The head runs in the compute dtype; logits are returned as float32.
@@ -263,7 +265,9 @@ def check_vq_params(vq_params: Any, codec: ScaleCodec, vocab_size: int | None = 
             "'codebook' [V, Cvae] and its Φ convolutions 'phi_k'); pass tokenizer_params[...]['quantizer']."
         )
     shape = tuple(np.shape(nn.meta.unbox(vq_params["codebook"])))
-    if len(shape) != 2 or (vocab_size is not None and shape[0] != vocab_size) or (vae_dim is not None and shape[1] != vae_dim):
+    wrong_vocab = vocab_size is not None and len(shape) == 2 and shape[0] != vocab_size
+    wrong_dim = vae_dim is not None and len(shape) == 2 and shape[1] != vae_dim
+    if len(shape) != 2 or wrong_vocab or wrong_dim:
         raise ValueError(
             f"vq_params['codebook'] has shape {shape} but this VAR predicts {vocab_size} codes of width "
             f"{vae_dim}; build the generator with the tokenizer's codebook_size and latent width (vae_dim)."
@@ -294,7 +298,9 @@ def _apply_phi(codec: ScaleCodec, vq_params: Any, h: jax.Array, k: jax.Array | i
     phi = Phi(codec.phi_ratio, dtype=codec.dtype)
     index = codec.phi_index
     count = max(index) + 1
-    branches = [functools.partial(lambda i, x: phi.apply({"params": vq_params[f"phi_{i}"]}, x), i) for i in range(count)]
+    branches = [
+        functools.partial(lambda i, x: phi.apply({"params": vq_params[f"phi_{i}"]}, x), i) for i in range(count)
+    ]
     if isinstance(k, int):
         return branches[index[k]](h)
     if count == 1:
@@ -425,7 +431,8 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth: zeroes a sample's residual branch with probability ``rate``, scales the rest by ``1/(1-rate)``."""
+    """Stochastic depth: zeroes a sample's residual branch with probability ``rate`` and scales
+    the others by ``1 / (1 - rate)``; the identity when ``rng`` is None."""
     if rate <= 0 or rng is None:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -659,7 +666,9 @@ class VAR(nn.Module):
         self.pos_1LC = self.param("pos_1LC", table(), (lay.seq_len, c), self.param_dtype)
         self.lvl_embed = self.param("lvl_embed", table(), (len(lay.scales), c), self.param_dtype)
         if self.shared_aln:
-            self.shared_ada_lin = Linear((6 * c,), ("embed", "mlp"), std, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.shared_ada_lin = Linear(
+                (6 * c,), ("embed", "mlp"), std, dtype=self.dtype, param_dtype=self.param_dtype
+            )
         self.blocks = [
             AdaLNSelfAttn(
                 c, self.heads, self.depth, self.mlp_ratio, rate, self.shared_aln, self.attn_l2_norm, self.norm_eps,
@@ -804,8 +813,8 @@ class SamplerOptions(sampling.SamplingOptions):
     the guidance schedule defaulting to VAR's ramp over scales (``'linear'``: scale ``si`` of
     ``S`` is guided with ``1 + (cfg_scale - 1) * si / (S - 1)``; the interval counts scales).
 
-    VAR's released settings (``cfg=1.5, top_k=900, top_p=0.96``) are ``cfg_scale=2.5,
-    top_k=900, top_p=0.96`` here: VAR's ``cfg`` is the guidance added at the last scale.
+    VAR's FID settings (``cfg=1.5, top_k=900, top_p=0.96``) are ``cfg_scale=2.5, top_k=900,
+    top_p=0.96`` here: VAR's ``cfg`` is the guidance added at the last scale.
     """
 
     cfg_schedule: str = "linear"
@@ -823,14 +832,18 @@ class _ScaleState:
 
 def _check_sample_args(model: VAR, labels: Any, opts: Any, vq_params: Any, codec: ScaleCodec) -> None:
     if not isinstance(opts, SamplerOptions):
-        raise ValueError(f"opts must be var.SamplerOptions, got {type(opts).__name__}; build them with var.sampler_options(...).")
+        raise ValueError(
+            f"opts must be var.SamplerOptions, got {type(opts).__name__}; build them with var.sampler_options(...)."
+        )
     if opts.top_k > model.vocab_size:
         raise ValueError(
             f"top_k={opts.top_k} is larger than the vocabulary of {model.vocab_size} codes; use at most "
             f"{model.vocab_size}, or 0 to turn top-k off."
         )
     if not isinstance(codec, ScaleCodec):
-        raise ValueError(f"codec must be a var.ScaleCodec, got {type(codec).__name__}; use ScaleCodec.from_quantizer(q).")
+        raise ValueError(
+            f"codec must be a var.ScaleCodec, got {type(codec).__name__}; use ScaleCodec.from_quantizer(q)."
+        )
     if tuple(codec.scales) != tuple(model.scales):
         raise ValueError(
             f"the tokenizer's scales {codec.scales} differ from the generator's {tuple(model.scales)}; build both "
@@ -843,7 +856,9 @@ def _check_sample_args(model: VAR, labels: Any, opts: Any, vq_params: Any, codec
         )
     check_vq_params(nn.meta.unbox(vq_params), codec, model.vocab_size, model.vae_dim)
     if np.ndim(labels) != 1:
-        raise ValueError(f"labels must be a 1-D array of class ids [B], got shape {np.shape(labels)}; pass one id per sample.")
+        raise ValueError(
+            f"labels must be a 1-D array of class ids [B], got shape {np.shape(labels)}; pass one id per sample."
+        )
     if not isinstance(labels, jax.core.Tracer):
         lab = np.asarray(labels)
         if not np.issubdtype(lab.dtype, np.integer):
@@ -851,7 +866,8 @@ def _check_sample_args(model: VAR, labels: Any, opts: Any, vq_params: Any, codec
         if lab.size and (lab.min() < 0 or lab.max() > model.num_classes):
             raise ValueError(
                 f"class ids must lie in [0, {model.num_classes}) (or {model.num_classes} for the unconditional "
-                f"null class), got min {lab.min()} and max {lab.max()}; fix the labels or use a model with more classes."
+                f"null class), got min {lab.min()} and max {lab.max()}; fix the labels or use a model with more "
+                "classes."
             )
 
 
