@@ -5,6 +5,10 @@
 ``configs/quickstart.py:gpt`` (the default) uses the LlamaGen-style GPT as the generator,
 ``configs/quickstart.py:maskgit`` uses MaskGIT. 32x32 digits become 8x8 tokens of a 256-code,
 8-dimensional, l2-normalised codebook.
+
+``configs/quickstart.py:var`` is VAR: the same VQGAN with VAR's multi-scale residual quantizer
+(scales 1, 2, 3, 4, 6, 8: a pyramid of 130 tokens per digit, Φ convolutions shared four ways)
+and the next-scale transformer over it, sampled in six steps.
 """
 import ml_collections
 
@@ -13,8 +17,8 @@ from vqgen import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     generator = arg or "gpt"
-    if generator not in ("gpt", "maskgit"):
-        raise ValueError(f"unknown quickstart variant {generator!r}; use 'gpt' or 'maskgit'.")
+    if generator not in ("gpt", "maskgit", "var"):
+        raise ValueError(f"unknown quickstart variant {generator!r}; use 'gpt', 'maskgit' or 'var'.")
     c = config_lib.base_config()
     c.mode = "all"
     c.tokenizer = ml_collections.ConfigDict(dict(
@@ -28,6 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         log_every=50, save_every=200, image_every=400,
         disc=config_lib.disc_config(type="patchgan", ch=16, n_layers=2, weight=0.1, start_step=500,
                                     lr=2e-4))
+    if generator == "var":
+        c.tokenizer.quantizer = ml_collections.ConfigDict(dict(
+            type="msrq", codebook_size=256, scales=(1, 2, 3, 4, 6, 8), beta=0.25, phi_share=4, phi_ratio=0.5,
+            l2_normalize=False))
     c.generator = config_lib.generator_config(generator)
     c.generator_train = config_lib.generator_train_config(generator)
     c.sample = config_lib.sample_config(generator)

@@ -1,6 +1,6 @@
 """A tiny run config for tests: the quickstart structure with toy widths and few steps.
 
-Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit]`` or ``tiny_config.get_config()``.
+Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit|:var]`` or ``tiny_config.get_config()``.
 """
 from vqgen import config_lib
 
@@ -11,6 +11,8 @@ def get_config(arg=None):
     t = c.tokenizer
     t.ch, t.ch_mult, t.num_res_blocks, t.z_channels, t.embed_dim, t.norm_groups = 8, (1, 2), 1, 8, 4, 4
     t.quantizer.codebook_size = 32
+    if arg == "var":  # an 8x8 grid under the scales 1, 2, 4, 8 (85 tokens)
+        t.ch_mult, t.quantizer.scales = (1, 2, 2), (1, 2, 4, 8)
     tt = c.tokenizer_train
     tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.image_every = 4, 8, 2, 1, 0
     tt.warmup_steps = 1

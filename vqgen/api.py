@@ -72,11 +72,13 @@ class Tokenizer:
     def __init__(self, frozen: tokenizer_lib.FrozenTokenizer, config):
         self._frozen = frozen
         self.config = config
-        self.spec = frozen.spec  # grid, vocab_size, example shape
+        self.spec = frozen.spec  # grid, vocab_size, example shape, scales (a multi-scale pyramid)
         self.step = frozen.step
 
     def encode(self, images: Any) -> np.ndarray:
-        """int32 token ids ``[N, *grid]`` of uint8 images ``[N, H, W, C]`` (or floats in [-1, 1])."""
+        """int32 token ids ``[N, *spec.token_shape]`` of uint8 images ``[N, H, W, C]`` (or floats in
+        [-1, 1]): the token grid, or for a multi-scale tokenizer (VAR) the pyramid ``[N, L]``, each
+        scale's map flattened row-major, from the smallest scale on."""
         x = _as_float_images(images)
         if tuple(x.shape[1:]) != tuple(self.spec.example):
             raise ValueError(f"images have shape {tuple(x.shape[1:])} per example but this tokenizer reads "
@@ -84,10 +86,11 @@ class Tokenizer:
         return self._frozen.encode(x)
 
     def decode(self, tokens: Any) -> np.ndarray:
-        """uint8 images ``[N, H, W, C]`` of token ids ``[N, *grid]`` (or ``[N, L]``)."""
+        """uint8 images ``[N, H, W, C]`` of token ids ``[N, *spec.token_shape]`` (or ``[N, L]``)."""
         t = np.asarray(tokens)
         if t.ndim < 2 or int(np.prod(t.shape[1:])) != self.spec.seq_len:
-            raise ValueError(f"tokens have shape {t.shape} but this tokenizer's grid is {self.spec.grid}.")
+            raise ValueError(f"tokens have shape {t.shape} but this tokenizer's tokens are "
+                             f"[N, {', '.join(map(str, self.spec.token_shape))}]; pass ids of that shape.")
         if self.spec.vocab_size and (t.min() < 0 or t.max() >= self.spec.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.spec.vocab_size}), got [{t.min()}, {t.max()}].")
         return common.to_uint8(self._frozen.decode(t))
@@ -110,7 +113,8 @@ class Generator:
 
     def sample_tokens(self, labels: Any, rng: jax.Array, *, condition: Any = None, batch_size: int | None = None,
                       **options: Any) -> np.ndarray:
-        """int32 token ids ``[N, *grid]`` for class ids ``labels``; ``condition``: uint8/float clips for a task."""
+        """int32 token ids ``[N, *spec.token_shape]`` for class ids ``labels``; ``condition``: uint8/float
+        clips for a task."""
         labels = np.asarray(labels, np.int32).reshape(-1)
         num_classes = int(self.config.data.num_classes)
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

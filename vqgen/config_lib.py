@@ -133,14 +133,17 @@ def generator_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
     elif arch == "maskgit":
         d = dict(arch="maskgit", width=192, depth=4, num_heads=4, mlp_dim=768, dropout=0.0,
                  class_dropout_prob=0.1, label_smoothing=0.1, mask_schedule="cosine", dtype="float32")
+    elif arch == "var":
+        d = dict(arch="var", depth=4, width=192, num_heads=4, drop_path_rate=0.0, cond_drop_rate=0.1,
+                 dtype="float32")
     else:
-        raise ValueError(f"unknown generator arch {arch!r}; use 'gpt' or 'maskgit'.")
+        raise ValueError(f"unknown generator arch {arch!r}; use 'gpt', 'maskgit' or 'var'.")
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
 
 def generator_train_config(arch: str = "gpt", **kw) -> ml_collections.ConfigDict:
-    d = dict(num_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine",
+    d = dict(num_steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
              weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0, ema_decay=0.999, flip_augment=False,
              log_every=50, save_every=500, keep=2, image_every=0)
     d.update(kw)

@@ -1,6 +1,6 @@
 """vqgen.generators: the generator families and the protocol through which they plug in.
 
-A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``) listed in :data:`FAMILIES`
+A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``, ``var.py``) listed in :data:`FAMILIES`
 under the name that ``config.generator.arch`` uses. Training, sampling, ahead-of-time compilation
 and the Python API reach a family only through these module-level names:
 
@@ -29,8 +29,21 @@ optional ``TASKS`` and ``sample_task(model, params, labels, rng, opts, condition
     keep ``condition_tokens`` where ``known_mask`` and generate the rest; ``opts.task`` names the
     task. A family without them samples class-conditionally only.
 
+optional ``TOKEN_PYRAMID = True``
+    The family models the multi-scale token pyramid of a tokenizer whose spec has ``scales``
+    (VAR): ``batch['tokens']`` is ``[B, L]`` with ``L = sum(s*s)``, the maps flattened and joined
+    from the smallest scale, and ``build`` also receives ``scales=`` and ``code_dim=`` (the
+    quantizer's code dimension). Other families refuse such a tokenizer and vice versa.
+optional ``USES_QUANTIZER = True`` with ``quantizer_codec(quantizer) -> codec``
+    The family reads the frozen tokenizer's quantizer besides the token ids (VAR builds each
+    scale's input from the codebook and Φ): ``loss_fn(model, params, batch, rng, vq_params, *,
+    codec)`` and ``sample(model, params, labels, rng, opts, *, vq_params, codec)``, where
+    ``vq_params`` is the tokenizer's ``params['quantizer']`` (a frozen input of the generator
+    phase, never trained) and ``codec`` the static value ``quantizer_codec`` makes of the
+    tokenizer's quantizer module.
+
 Every family today consumes discrete token ids from a tokenizer with a codebook; the token spec
-of a config (grid, vocabulary, image or video) is :func:`vqgen.train.builders.token_spec`.
+of a config (grid, vocabulary, image or video, scales) is :func:`vqgen.train.builders.token_spec`.
 """
 from __future__ import annotations
 
@@ -51,6 +64,16 @@ def family(arch: str) -> ModuleType:
     if arch not in FAMILIES:
         raise ValueError(f"unknown generator arch {arch!r}; set generator.arch to one of {sorted(FAMILIES)}.")
     return importlib.import_module(FAMILIES[arch])
+
+
+def token_pyramid(module: ModuleType) -> bool:
+    """Whether a family models a multi-scale token pyramid (``TOKEN_PYRAMID``)."""
+    return bool(getattr(module, "TOKEN_PYRAMID", False))
+
+
+def uses_quantizer(module: ModuleType) -> bool:
+    """Whether a family reads the tokenizer's quantizer parameters (``USES_QUANTIZER``)."""
+    return bool(getattr(module, "USES_QUANTIZER", False))
 
 
 def has_tasks(module: ModuleType) -> bool:

@@ -98,7 +98,11 @@ from vqgen.modules.attention import Cache
 from vqgen.modules.attention import init_cache as init_layer_cache
 from vqgen.quantizers.multiscale import VAR_SCALES, Phi, area_matrix, bicubic_matrix, phi_assignment
 
-VIDEO = False  # the token grid is (h, w) (the generator protocol, vqgen/generators/__init__.py)
+# The generator protocol (vqgen/generators/__init__.py): image tokens, as the multi-scale pyramid
+# of a tokenizer with scales, and the tokenizer's quantizer (codebook and Φ) as a frozen input.
+VIDEO = False
+TOKEN_PYRAMID = True
+USES_QUANTIZER = True
 
 Dtype = Any
 
@@ -770,19 +774,24 @@ def count_params(model: VAR) -> int:
     return int(sum(int(np.prod(x.shape)) for x in leaves))
 
 
-def loss_fn(model: VAR, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool = True):
+def loss_fn(model: VAR, params: Any, batch: dict[str, jax.Array], rng: jax.Array, vq_params: Any = None, *,
+            codec: "ScaleCodec | None" = None, train: bool = True):
     """Cross entropy (float32) over every token of every scale, VAR's uniform weights.
 
-    ``batch = {'tokens' int32 [B, L], 'label' int32 [B], 'x_input' float32 [B, L - s_0², vae_dim]}``
-    (``'labels'`` is accepted for ``'label'``); ``x_input`` is :func:`teacher_forcing_input` of
-    the tokens under the tokenizer's quantizer. ``rng`` drives label dropout and drop path when
-    ``train``. Returns ``(loss, {'loss', 'accuracy', 'loss_last_scale', 'accuracy_last_scale'})``
-    (VAR logs the last scale as its "tail").
+    ``batch = {'tokens' int32 [B, L], 'label' int32 [B]}`` plus either ``'x_input'`` float32
+    ``[B, L - s_0², vae_dim]`` (:func:`teacher_forcing_input` of the tokens) or the tokenizer's
+    quantizer params ``vq_params`` (with its static ``codec``, default VAR's), from which the
+    input is computed here (``'labels'`` is accepted for ``'label'``). ``rng`` drives label
+    dropout and drop path when ``train``. Returns ``(loss, {'loss', 'accuracy',
+    'loss_last_scale', 'accuracy_last_scale'})`` (VAR logs the last scale as its "tail").
     """
+    if "x_input" not in batch and vq_params is not None:
+        codec = ScaleCodec(tuple(model.scales)) if codec is None else codec
+        batch = {**batch, "x_input": teacher_forcing_input(batch["tokens"].astype(jnp.int32), vq_params, codec)}
     if "x_input" not in batch:
         raise ValueError(
-            "the VAR loss needs batch['x_input'], the teacher-forcing input of the tokens; add "
-            "var.teacher_forcing_input(batch['tokens'], vq_params, codec) with the tokenizer's quantizer params."
+            "the VAR loss needs batch['x_input'], the teacher-forcing input of the tokens; pass the tokenizer's "
+            "quantizer params as vq_params (or add var.teacher_forcing_input(batch['tokens'], vq_params, codec))."
         )
     tokens = batch["tokens"].astype(jnp.int32)  # [B, L]
     if tokens.ndim != 2 or tokens.shape[1] != model.seq_len:
@@ -957,11 +966,14 @@ def sample(
 _BUILD_KEYS = {f.name for f in dataclasses.fields(VAR)} - {"vocab_size", "num_classes", "parent", "name"}
 
 
-def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]) -> VAR:
+def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...],
+          scales: Sequence[int] | None = None, code_dim: int | None = None) -> VAR:
     """A :class:`VAR` from a config section (``config.generator`` as a dict; ``arch`` ignored).
 
-    ``depth`` alone gives VAR's sizes (width 64·depth, depth heads, drop path 0.1·depth/24);
-    ``scales`` must end with the tokenizer's square grid.
+    ``depth`` alone gives VAR's sizes (width 64·depth, depth heads, drop path 0.1·depth/24).
+    ``scales`` and ``code_dim`` are the tokenizer's scale list and code dimension (the generator
+    phase passes them); the section's own ``scales``/``vae_dim``, where given, must equal them.
+    The scales must end with the tokenizer's square grid.
     """
     kw = {k: v for k, v in dict(cfg).items() if k != "arch"}
     unknown = sorted(set(kw) - _BUILD_KEYS)
@@ -972,15 +984,31 @@ def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]
             if kw[key] not in DTYPES:
                 raise ValueError(f"generator.{key}={kw[key]!r} is unknown; use one of {sorted(DTYPES)}.")
             kw[key] = DTYPES[kw[key]]
+    for key, given in (("scales", scales), ("vae_dim", code_dim)):
+        if given is None:
+            continue
+        given = tuple(int(s) for s in given) if key == "scales" else int(given)
+        own = kw.get(key)
+        if own is not None and (tuple(int(s) for s in own) if key == "scales" else int(own)) != given:
+            raise ValueError(
+                f"generator.{key}={own} differs from the tokenizer's {given}; drop generator.{key} (it follows the "
+                "tokenizer) or change the tokenizer's quantizer.")
+        kw[key] = given
     scales = check_scales(kw.get("scales", VAR_SCALES))
     kw["scales"] = scales
     grid = tuple(int(g) for g in grid)
     if len(grid) != 2 or grid != (scales[-1], scales[-1]):
         raise ValueError(
             f"the last scale of {scales} is {scales[-1]} but the tokenizer's token grid is {grid}; set "
-            f"generator.scales to end with the (square) grid size, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) for 16x16."
+            f"the scales to end with the (square) grid size, e.g. (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) for 16x16."
         )
     return VAR(vocab_size=vocab_size, num_classes=num_classes, **kw)
+
+
+def quantizer_codec(quantizer: Any) -> ScaleCodec:
+    """The static :class:`ScaleCodec` of a tokenizer's multi-scale quantizer (the generator protocol's
+    ``quantizer_codec``)."""
+    return ScaleCodec.from_quantizer(quantizer)
 
 
 def sampler_options(cfg: dict, **overrides: Any) -> SamplerOptions:

@@ -148,9 +148,11 @@ class MultiScaleResidualQuantizer(nn.Module):
         del train
         return self._run(z=z)
 
-    def decode_indices(self, indices: Sequence[jax.Array]) -> jax.Array:
-        """``f_hat`` ``[B, H, W, D]`` from a tuple of per-scale ``[B, s, s]`` index maps."""
-        return self._run(indices=tuple(indices))
+    def decode_indices(self, indices: Sequence[jax.Array], num_scales: int | None = None) -> jax.Array:
+        """``f_hat`` ``[B, H, W, D]`` from a tuple of per-scale ``[B, s, s]`` index maps; with
+        ``num_scales = k`` only the first ``k`` scales are summed (the coarse-to-fine partial
+        reconstructions of VAR's figures)."""
+        return self._run(indices=tuple(indices), num_scales=num_scales)
 
     def _check_fields(self) -> None:
         scales = tuple(self.scales)
@@ -162,7 +164,8 @@ class MultiScaleResidualQuantizer(nn.Module):
             raise ValueError(f"codebook_size={self.codebook_size} must be at least 1.")
 
     @nn.compact
-    def _run(self, z=None, indices=None):
+    def _run(self, z=None, indices=None, num_scales=None):
+        prefix = num_scales
         self._check_fields()
         scales = tuple(int(s) for s in self.scales)
         size = scales[-1]
@@ -218,6 +221,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         if z is None:
             f_hat = 0.0
             for si, idx_map in enumerate(indices):
+                if prefix is not None and si >= prefix:
+                    break
                 expected = (scales[si], scales[si])
                 if tuple(idx_map.shape[1:]) != expected:
                     raise ValueError(

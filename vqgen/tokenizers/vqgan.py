@@ -204,8 +204,9 @@ class VQGAN(nn.Module):
       embed_dim: quantizer input channels (``quant_conv`` maps ``z_channels -> embed_dim``).
       dropout: ResnetBlock dropout rate (needs a ``'dropout'`` rng when ``train`` and > 0).
       style: ``"taming"``, ``"maskgit"`` or ``"magvit2"``; see the module docstring.
-      use_quant_conv: whether the 1x1 ``quant_conv``/``post_quant_conv`` exist; without them
+      use_quant_conv: whether ``quant_conv``/``post_quant_conv`` exist; without them
         ``embed_dim`` must equal ``z_channels``.
+      quant_conv_kernel: their kernel size, 1 (taming, LlamaGen) or 3 (VAR's VQ-VAE, "same" padding).
       norm_groups: GroupNorm groups (32 in every official model).
       dtype, param_dtype: compute and storage dtypes, passed to every layer.
     """
@@ -223,6 +224,7 @@ class VQGAN(nn.Module):
     dropout: float = 0.0
     style: str = "taming"
     use_quant_conv: bool = True
+    quant_conv_kernel: int = 1
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -244,8 +246,9 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(z_channels=self.z_channels, **arch)
         self.decoder = Decoder(out_channels=self.out_channels or self.in_channels, **arch)
         if self.use_quant_conv:
-            self.quant_conv = conv(self.embed_dim, 1, dtype=self.dtype, param_dtype=self.param_dtype)
-            self.post_quant_conv = conv(self.z_channels, 1, dtype=self.dtype, param_dtype=self.param_dtype)
+            k = self.quant_conv_kernel
+            self.quant_conv = conv(self.embed_dim, k, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.post_quant_conv = conv(self.z_channels, k, dtype=self.dtype, param_dtype=self.param_dtype)
 
     @property
     def downsample_factor(self) -> int:

@@ -99,14 +99,20 @@ class TokenSpec:
     """What a tokenizer config produces per example.
 
     Attributes:
-      grid: token-map shape, ``(h, w)`` for images or ``(t, h, w)`` for video.
+      grid: token-map shape, ``(h, w)`` for images or ``(t, h, w)`` for video; for a multi-scale
+        tokenizer the grid of its last (largest) scale.
       vocab_size: number of codes (None for a tokenizer without a discrete codebook).
       example: input shape ``(H, W, C)`` or ``(T, H, W, C)``.
+      scales: the side lengths of a multi-scale tokenizer's square token maps, small to large
+        (VAR's pyramid; ``grid == (scales[-1],) * 2``), or None for a single token map.
+      code_dim: channels of the quantized latent (the quantizer's code dimension).
     """
 
     grid: tuple[int, ...]
     vocab_size: int | None
     example: tuple[int, ...]
+    scales: tuple[int, ...] | None = None
+    code_dim: int | None = None
 
     @property
     def video(self) -> bool:
@@ -118,7 +124,33 @@ class TokenSpec:
 
     @property
     def seq_len(self) -> int:
+        """Tokens per example: the grid's size, or every scale's map for a pyramid."""
+        if self.scales is not None:
+            return sum(s * s for s in self.scales)
         return math.prod(self.grid)
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """Shape of one example's token ids: the grid, or ``(seq_len,)`` for a pyramid (the maps
+        flattened row-major and joined from the smallest scale on)."""
+        return (self.seq_len,) if self.scales is not None else tuple(self.grid)
+
+
+def flat_indices(indices: Any) -> jax.Array:
+    """A quantizer's ``indices`` as ``[B, L]``: a tuple of per-scale maps is flattened and joined
+    (the token-pyramid layout of :attr:`TokenSpec.token_shape`); an array is flattened per example."""
+    if isinstance(indices, (tuple, list)):
+        return jnp.concatenate([i.reshape(i.shape[0], -1) for i in indices], axis=1)
+    return indices.reshape(indices.shape[0], -1)
+
+
+def split_pyramid(tokens: jax.Array, scales: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """``[B, L]`` token pyramid -> a tuple of ``[B, s, s]`` maps (the inverse of :func:`flat_indices`)."""
+    out, start = [], 0
+    for s in scales:
+        out.append(tokens[:, start:start + s * s].reshape(tokens.shape[0], s, s))
+        start += s * s
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,14 +159,18 @@ def _token_spec(tokenizer_json: str, channels: int, example: tuple[int, ...]) ->
     model = build_tokenizer(cfg, channels)
     dummy = jax.ShapeDtypeStruct((1,) + example, jnp.float32)
 
-    def indices(rng, x):
+    def encode(rng, x):
         rngs = {"params": rng, "dropout": rng, "codebook": rng, "quantizer": rng}
         out, _ = model.init_with_output(rngs, x, method="encode")
-        return out.indices
+        return out.indices, out.quantized
 
-    shape = jax.eval_shape(indices, jax.random.key(0), dummy).shape
-    return TokenSpec(grid=tuple(int(s) for s in shape[1:]), vocab_size=quantizer_codebook_size(model.quantizer),
-                     example=example)
+    indices, quantized = jax.eval_shape(encode, jax.random.key(0), dummy)
+    scales = None
+    if isinstance(indices, (tuple, list)):
+        scales = tuple(int(i.shape[1]) for i in indices)
+        indices = indices[-1]
+    return TokenSpec(grid=tuple(int(s) for s in indices.shape[1:]), vocab_size=quantizer_codebook_size(model.quantizer),
+                     example=example, scales=scales, code_dim=int(quantized.shape[-1]))
 
 
 def token_spec(config) -> TokenSpec:

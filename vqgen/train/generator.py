@@ -57,25 +57,46 @@ def _plain(cfg) -> dict:
 def build_model(config, spec: builders.TokenSpec | None = None) -> tuple[ModuleType, nn.Module]:
     """``(family module, model)`` of ``config.generator`` over the config's token spec."""
     spec = spec or builders.token_spec(config)
-    family = generators.family(config.generator.arch)
+    arch = config.generator.arch
+    family = generators.family(arch)
     if spec.vocab_size is None:
-        raise ValueError("the generator needs a tokenizer with a discrete codebook (quantizer type vq, lfq, fsq, ibq).")
+        raise ValueError("the generator needs a tokenizer with a discrete codebook (quantizer type vq, lfq, fsq, ibq, "
+                         "rq or msrq).")
     if family.VIDEO != spec.video:
         kind = "video" if spec.video else "image"
         raise ValueError(
-            f"generator.arch={config.generator.arch!r} models {'video' if family.VIDEO else 'image'} tokens but "
+            f"generator.arch={arch!r} models {'video' if family.VIDEO else 'image'} tokens but "
             f"tokenizer.arch={config.tokenizer.arch!r} is an {kind} tokenizer; use "
             f"{'magvit' if spec.video else 'gpt or maskgit'} as the generator.")
+    pyramid = generators.token_pyramid(family)
+    if pyramid != (spec.scales is not None):
+        raise ValueError(
+            f"generator.arch={arch!r} models a multi-scale token pyramid but the tokenizer's quantizer "
+            f"({config.tokenizer.quantizer.type!r}) gives one token map; use tokenizer.quantizer.type='msrq'."
+            if pyramid else
+            f"the tokenizer's multi-scale quantizer gives a token pyramid over scales {spec.scales}, which "
+            f"generator.arch={arch!r} does not model; use generator.arch='var'.")
+    extra = dict(scales=spec.scales, code_dim=spec.code_dim) if pyramid else {}
     model = family.build(_plain(config.generator), vocab_size=spec.vocab_size,
-                         num_classes=int(config.data.num_classes), grid=spec.grid)
+                         num_classes=int(config.data.num_classes), grid=spec.grid, **extra)
     return family, model
 
 
-def train_step(state: GeneratorState, batch: dict, rng: jax.Array, *, loss_fn: Callable,
+def quantizer_inputs(config, family: ModuleType) -> tuple[Any, Any]:
+    """``(codec, abstract quantizer params)`` of the config's tokenizer, for a family that reads its
+    quantizer (``USES_QUANTIZER``); shapes only, no weights are read."""
+    model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
+    variables = jax.eval_shape(functools.partial(tokenizer_lib.init_variables, model=model,
+                                                 example=builders.example_shape(config)), jax.random.key(0))
+    return family.quantizer_codec(model.quantizer), nn.meta.unbox(variables["params"]["quantizer"])
+
+
+def train_step(state: GeneratorState, batch: dict, rng: jax.Array, *frozen: Any, loss_fn: Callable,
                tx: optax.GradientTransformation, ema_decay: float) -> tuple[GeneratorState, dict]:
-    """One update with ``loss_fn(params, batch, rng) -> (loss, metrics)`` (the family's loss)."""
+    """One update with ``loss_fn(params, batch, rng, *frozen) -> (loss, metrics)`` (the family's
+    loss; ``frozen`` is the tokenizer's quantizer params for a family that reads them, else empty)."""
     rng = jax.random.fold_in(rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, *frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + u, state.params, updates)
     ema = common.ema_update(state.ema_params, params, ema_decay)
@@ -94,27 +115,40 @@ def fingerprint(config, spec: builders.TokenSpec) -> dict:
             "grid": list(spec.grid), "num_classes": int(config.data.num_classes)}
 
 
+def _needs_tokenizer() -> tuple:
+    raise ValueError("this generator reads the tokenizer's quantizer; train it through generator.train(config, "
+                     "workdir), which loads the workdir's tokenizer.")
+
+
 def build(config) -> common.Phase:
     """The generator phase of ``config`` (reads ``seed``, ``data``, ``tokenizer``, ``generator``,
-    ``generator_train``); needs no tokenizer weights."""
+    ``generator_train``); needs no tokenizer weights. For a family that reads the tokenizer's
+    quantizer (VAR), its parameters are the phase's frozen input (abstract here; :func:`train`
+    supplies the trained tokenizer's)."""
     gt = config.generator_train
     spec = builders.token_spec(config)
     family, model = build_model(config, spec)
     tx = common.make_optimizer(
         lr=gt.lr, num_steps=gt.num_steps, warmup_steps=gt.warmup_steps, schedule=gt.schedule,
-        weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip)
+        weight_decay=gt.weight_decay, b1=gt.b1, b2=gt.b2, grad_clip=gt.grad_clip,
+        min_lr_ratio=float(gt.min_lr_ratio))
+    loss_fn = functools.partial(family.loss_fn, model)
+    frozen: tuple = ()
+    if generators.uses_quantizer(family):
+        codec, vq_abstract = quantizer_inputs(config, family)
+        loss_fn = functools.partial(family.loss_fn, model, codec=codec)
+        frozen = (vq_abstract,)
     bs = int(gt.batch_size)
     return common.Phase(
         name=NAME,
         init=functools.partial(init_state, init_params=functools.partial(family.init_params, model), tx=tx),
-        step=functools.partial(train_step, loss_fn=functools.partial(family.loss_fn, model), tx=tx,
-                               ema_decay=float(gt.ema_decay)),
+        step=functools.partial(train_step, loss_fn=loss_fn, tx=tx, ema_decay=float(gt.ema_decay)),
         batch={"tokens": jax.ShapeDtypeStruct((bs, spec.seq_len), jnp.int32),
                "label": jax.ShapeDtypeStruct((bs,), jnp.int32)},
         loop=common.LoopConfig(num_steps=int(gt.num_steps), log_every=int(gt.log_every), save_every=int(gt.save_every),
                                image_every=int(gt.image_every), desc=NAME),
         fingerprint=fingerprint(config, spec), init_seed=int(config.seed) + 7, step_seed=int(config.seed) + 2,
-        keep=int(gt.keep))
+        keep=int(gt.keep), frozen=frozen, load_frozen=_needs_tokenizer if frozen else tuple)
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -179,6 +213,14 @@ class TrainedGenerator:
     rules: Any
     step: int
 
+    def _family_inputs(self) -> dict:
+        """What the family's ``sample`` needs besides the model: the tokenizer's quantizer for one
+        that reads it (``USES_QUANTIZER``)."""
+        if not generators.uses_quantizer(self.family):
+            return {}
+        tok = self._need_tokenizer(f"sampling the {self.config.generator.arch!r} generator")
+        return {"vq_params": tok.params["quantizer"], "codec": self.family.quantizer_codec(tok.model.quantizer)}
+
     def options(self, **overrides: Any):
         """The family's sampler options: the config's ``sample`` section with ``overrides``."""
         return self.family.sampler_options(_plain(self.config.sample), **overrides)
@@ -191,7 +233,7 @@ class TrainedGenerator:
 
     def sample_tokens(self, labels: Any, rng: jax.Array, *, condition: np.ndarray | None = None,
                       batch_size: int | None = None, **options: Any) -> np.ndarray:
-        """int32 token ids ``[N, *grid]`` for class ids ``labels [N]``.
+        """int32 token ids ``[N, *spec.token_shape]`` for class ids ``labels [N]``.
 
         ``condition``: float clips in [-1, 1] ``[N, T, H, W, C]`` for a conditional task of the
         family (``task=...``, e.g. MAGVIT's frame prediction); their condition region is
@@ -212,9 +254,11 @@ class TrainedGenerator:
                 raise ValueError("condition clips were given but the task is 'class'; pass task='frame_prediction' "
                                  "(or another task of the family) or drop condition.")
 
+            inputs = self._family_inputs()
+
             def run(lab):
                 with parallel.mesh_context(self.mesh, self.rules):
-                    return self.family.sample(self.model, self.params, jnp.asarray(lab), keys(), opts)
+                    return self.family.sample(self.model, self.params, jnp.asarray(lab), keys(), opts, **inputs)
 
             tokens = common.map_batches(run, labels, bs)
         else:
@@ -234,10 +278,10 @@ class TrainedGenerator:
                                                    tok, msk)
 
             tokens = common.map_batches(run, (labels, ctoks, known), bs)
-        return np.asarray(tokens, np.int32).reshape((len(labels),) + tuple(self.spec.grid))
+        return np.asarray(tokens, np.int32).reshape((len(labels),) + self.spec.token_shape)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """float32 images in [-1, 1] of token ids ``[N, *grid]``."""
+        """float32 images in [-1, 1] of token ids ``[N, *spec.token_shape]``."""
         return self._need_tokenizer("decoding tokens to images").decode(tokens)
 
 
@@ -284,6 +328,8 @@ def train(config, workdir: str, mesh=None, tokenizer: tokenizer_lib.FrozenTokeni
     parallel.check_batch_size(config.generator_train.batch_size, mesh)
     phase = build(config)  # before the tokenizer: a bad generator config fails without reading weights
     tokenizer = tokenizer or tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh)
+    if phase.frozen:  # the family reads the tokenizer's quantizer
+        phase = dataclasses.replace(phase, load_frozen=lambda: (tokenizer.params["quantizer"],))
     data_iter = make_data(config, build_token_cache(config, workdir, tokenizer))
     family, model = build_model(config, tokenizer.spec)
     num_classes = int(config.data.num_classes)

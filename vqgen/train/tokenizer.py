@@ -294,7 +294,7 @@ class FrozenTokenizer:
     """A trained tokenizer as a value: the module, its EMA weights and model state.
 
     ``encode`` maps float images in [-1, 1] (``[N, H, W, C]``, video ``[N, T, H, W, C]``) to code
-    ids ``[N, *spec.grid]``; ``decode`` maps ids back to float images clipped to [-1, 1]. Both
+    ids ``[N, *spec.token_shape]`` (the grid; the flattened pyramid for a multi-scale tokenizer); ``decode`` maps ids back to float images clipped to [-1, 1]. Both
     run in fixed-size batches (the last one padded) on ``mesh``.
     """
 
@@ -308,11 +308,19 @@ class FrozenTokenizer:
     batch_size: int = 32
 
     def __post_init__(self):
-        model = self.model
-        self._encode = jax.jit(lambda p, s, x: model.apply({"params": p, **s}, x, method="encode").indices)
-        self._decode = jax.jit(lambda p, s, i: jnp.clip(
-            model.apply({"params": p, **s}, i, method="decode_indices").astype(jnp.float32), -1.0, 1.0))
+        model, scales = self.model, self.spec.scales
+
+        def decode(p, s, ids):  # ids [B, *token_shape]
+            if scales is not None:
+                ids = builders.split_pyramid(ids, scales)
+            images = model.apply({"params": p, **s}, ids, method="decode_indices")
+            return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+        self._encode = jax.jit(lambda p, s, x: builders.flat_indices(
+            model.apply({"params": p, **s}, x, method="encode").indices))
+        self._decode = jax.jit(decode)
         self._reconstruct = jax.jit(lambda p, s, x: _reconstruct(model, p, s, x))
+        self._prefix: dict = {}
 
     def call(self, fn, *batch: np.ndarray) -> Any:
         """``fn(params, model_state, *batch)`` on one batch sharded over the mesh, fetched to the host."""
@@ -323,13 +331,40 @@ class FrozenTokenizer:
         return common.map_batches(functools.partial(self.call, fn), arrays, self.batch_size, desc=desc)
 
     def encode(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
-        """int32 code ids ``[N, *grid]`` of float images in [-1, 1]."""
-        return self._run(self._encode, np.asarray(images, np.float32), desc=desc).astype(np.int32)
+        """int32 code ids ``[N, *spec.token_shape]`` of float images in [-1, 1] (the grid, or the
+        flattened pyramid ``[N, L]`` of a multi-scale tokenizer)."""
+        ids = self._run(self._encode, np.asarray(images, np.float32), desc=desc).astype(np.int32)
+        return ids.reshape((len(ids),) + self.spec.token_shape)
 
     def decode(self, indices: np.ndarray) -> np.ndarray:
-        """float32 images in [-1, 1] of code ids ``[N, *grid]`` (or ``[N, L]``)."""
-        ids = np.asarray(indices, np.int32).reshape((len(indices),) + tuple(self.spec.grid))
-        return self._run(self._decode, ids)
+        """float32 images in [-1, 1] of code ids ``[N, *spec.token_shape]`` (or ``[N, L]``)."""
+        ids = np.asarray(indices, np.int32)
+        if ids.size != len(ids) * self.spec.seq_len:
+            raise ValueError(f"token ids of shape {ids.shape} do not hold {self.spec.seq_len} tokens per example; pass "
+                             f"[N, {', '.join(map(str, self.spec.token_shape))}] ids of this tokenizer.")
+        return self._run(self._decode, ids.reshape((len(ids),) + self.spec.token_shape))
+
+    def decode_scales(self, indices: np.ndarray, num_scales: int) -> np.ndarray:
+        """float32 images in [-1, 1] from the first ``num_scales`` scales of token pyramids ``[N, L]``
+        (a multi-scale tokenizer's coarse-to-fine reconstructions; ``num_scales = len(scales)`` is
+        :meth:`decode`)."""
+        scales = self.spec.scales
+        if scales is None:
+            raise ValueError("decode_scales needs a multi-scale tokenizer (quantizer type 'msrq'); use decode.")
+        if not 1 <= num_scales <= len(scales):
+            raise ValueError(f"num_scales={num_scales} must lie in [1, {len(scales)}] for scales {scales}.")
+        if num_scales not in self._prefix:
+            model = self.model
+
+            def partial(p, s, ids):
+                maps = builders.split_pyramid(ids, scales)
+                variables = {"params": p, **s}
+                f_hat = model.apply(variables, maps, method=lambda m, x: m.quantizer.decode_indices(x, num_scales))
+                return jnp.clip(model.apply(variables, f_hat, method="decode").astype(jnp.float32), -1.0, 1.0)
+
+            self._prefix[num_scales] = jax.jit(partial)
+        ids = np.asarray(indices, np.int32).reshape(len(indices), -1)
+        return self._run(self._prefix[num_scales], ids)
 
     def reconstruct(self, images: np.ndarray) -> tuple[np.ndarray, Any]:
         """``(reconstructions clipped to [-1, 1], code ids)`` of float images (one forward pass)."""
@@ -338,9 +373,7 @@ class FrozenTokenizer:
 
 def _reconstruct(model, params, model_state, x):
     x_rec, q, _ = apply_tokenizer(model, params, model_state, x, jax.random.key(0), train=False)
-    indices = q.indices if not isinstance(q.indices, (tuple, list)) else jnp.concatenate(
-        [i.reshape(i.shape[0], -1) for i in q.indices], axis=1)
-    return jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0), indices
+    return jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0), builders.flat_indices(q.indices)
 
 
 def frozen_from_state(config, state: TokenizerState, mesh=None) -> FrozenTokenizer:
@@ -372,7 +405,7 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
         check_architecture(config, ckpt)
         model = builders.build_tokenizer(config.tokenizer, int(config.data.channels))
         target, _ = common.abstract_sharded(
-            functools.partial(_variables, model=model, example=builders.example_shape(config)), 0, mesh, rules)
+            functools.partial(init_variables, model=model, example=builders.example_shape(config)), 0, mesh, rules)
         params_target = target.pop("params")
         wanted = {"ema_params": params_target, **({"model_state": target} if target else {})}
         restored, meta = ckpt.restore_subset(wanted)
@@ -396,7 +429,8 @@ def check_architecture(config, ckpt: Checkpointer) -> None:
             "in a new --workdir.")
 
 
-def _variables(rng, *, model, example):
+def init_variables(rng, *, model, example):
+    """The tokenizer's variables (boxed) for an example shape; under ``jax.eval_shape`` their shapes."""
     variables = model.init({"params": rng, **_rngs(rng)}, jnp.zeros((1,) + tuple(example), jnp.float32), train=False)
     return dict(variables)
 
@@ -417,7 +451,9 @@ def _diff_keys(stored: dict, want: dict, prefix: str = "") -> list[str]:
 
 
 def evaluate(config, tokenizer: FrozenTokenizer, max_examples: int | None = None) -> dict[str, float]:
-    """PSNR, SSIM and codebook usage of the (EMA) tokenizer on the held-out split."""
+    """PSNR, SSIM and codebook usage of the (EMA) tokenizer on the held-out split; for a multi-scale
+    tokenizer also ``psnr_by_scale``, the PSNR of the reconstruction from the first 1, 2, ...
+    scales."""
     images = eval_images(config, "test", max_examples or config.data.eval_examples)["image"]
     usage = em.CodebookAccumulator(tokenizer.spec.vocab_size) if tokenizer.spec.vocab_size else None
     frames = lambda a: a.reshape((-1,) + a.shape[-3:])  # noqa: E731  video clips -> frames
@@ -435,6 +471,10 @@ def evaluate(config, tokenizer: FrozenTokenizer, max_examples: int | None = None
     if usage is not None:
         usage.update(indices)
         out.update({f"codebook_{k}": float(v) for k, v in usage.result().items()})
+    if tokenizer.spec.scales is not None:  # coarse to fine: PSNR of the first k scales' reconstruction
+        out["psnr_by_scale"] = [
+            float(np.mean(em.psnr(images, tokenizer.decode_scales(indices, k))))
+            for k in range(1, len(tokenizer.spec.scales) + 1)]
     return out
 
 
