@@ -23,7 +23,7 @@ from vqgen.train import run as run_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
 # Config files without a module-level VARIANTS tuple but with named variants.
-EXTRA_VARIANTS = {"configs/quickstart.py": ("gpt", "maskgit")}
+EXTRA_VARIANTS = {"configs/quickstart.py": ("gpt", "maskgit", "var")}
 
 
 def _load_module(rel_path: str):
@@ -113,6 +113,13 @@ def test_llamagen_generator_keys_are_gpt_fields(variant):
     ("configs/generators/llamagen.py", "XXL", "generator_params", 1.4e9),
     ("configs/generators/llamagen.py", "3B", "generator_params", 3.1e9),
     ("configs/generators/maskgit.py", "paper", "total", 227e6),
+    # VAR's model zoo: the VQ-VAE 108.9M (with its quantizer), VAR-d16/d20/d24/d30 310M, 600M,
+    # "1.0B" (1.03B: the official build_vae_var counts 1,033,399,360), 2.0B.
+    ("configs/tokenizers/var_vqvae.py", None, "tokenizer_params", 108.9e6),
+    ("configs/generators/var.py", "d16", "generator_params", 310e6),
+    ("configs/generators/var.py", "d20", "generator_params", 600e6),
+    ("configs/generators/var.py", "d24", "generator_params", 1.03e9),
+    ("configs/generators/var.py", "d30", "generator_params", 2.0e9),
 ])
 def test_parameter_counts_match_the_papers(rel_path, variant, key, published):
     config = get_config(rel_path, variant)
@@ -121,10 +128,20 @@ def test_parameter_counts_match_the_papers(rel_path, variant, key, published):
     assert abs(value / published - 1) < 0.02, (key, value, published)
 
 
+@pytest.mark.parametrize("variant,official", [
+    ("d16", 310_283_520), ("d20", 600_917_136), ("d24", 1_033_399_360), ("d30", 2_010_020_356)])
+def test_var_counts_equal_the_official_code(variant, official):
+    """Counts of FoundationVision/VAR's ``build_vae_var`` (256 px, V=4096, 1000 classes), read off
+    the official code: the VQ-VAE has 108,948,355 parameters, VAR-d``depth`` the ones below."""
+    counts, _ = summary("configs/generators/var.py", variant)
+    assert counts == {"tokenizer_params": 108_948_355, "generator_params": official}
+
+
 @pytest.mark.parametrize("generator,variant,tokenizer", [
     ("configs/generators/maskgit.py", "paper", "configs/tokenizers/maskgit_vqgan.py"),
     ("configs/generators/maskgit.py", "cfg", "configs/tokenizers/maskgit_vqgan.py"),
     ("configs/generators/llamagen.py", "B", "configs/tokenizers/llamagen_vq16.py"),
+    ("configs/generators/var.py", "d16", "configs/tokenizers/var_vqvae.py"),
 ])
 def test_generator_configs_accept_their_tokenizer_configs_checkpoints(generator, variant, tokenizer):
     """The checkpoint fingerprint covers these sections: they must be the tokenizer config's."""
@@ -263,12 +280,13 @@ def _tiny(name: str):
 
 @pytest.mark.parametrize("config_name,target", [
     ("gpt", "tokenizer"), ("gpt", "generator"), ("maskgit", "generator"), ("video", "tokenizer"),
-    ("video", "generator"),
+    ("video", "generator"), ("var", "tokenizer"), ("var", "generator"),
 ])
 def test_aot_compile_every_family_on_a_2x4_cpu_mesh(config_name, target):
     """Each family's train step compiles on a 2x4 mesh from abstract inputs alone: the conv
-    tokenizer, the GPT, MaskGIT, and MAGVIT's 3D tokenizer and video transformer (its token
-    grid is (t, h, w), from the same token spec the trainer uses)."""
+    tokenizer, the GPT, MaskGIT, MAGVIT's 3D tokenizer and video transformer (its token
+    grid is (t, h, w), from the same token spec the trainer uses), and VAR's multi-scale
+    tokenizer and next-scale transformer (with the quantizer's parameters as a frozen input)."""
     import jax
 
     aot = _aot_module()
