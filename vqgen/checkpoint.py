@@ -107,7 +107,8 @@ class Checkpointer:
     def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
         """Restores into ``abstract_state`` (arrays or ``ShapeDtypeStruct``s with shardings).
 
-        The grain iterator, when given, is set to its saved position in place.
+        The grain iterator, when given, is set to its saved position in place; a checkpoint saved
+        without one (a converted model's, ``vqgen.convert``) leaves it at its start.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -115,7 +116,11 @@ class Checkpointer:
         self.check_compatible(step)
         items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if "data" in self.manager.item_metadata(step):
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:  # a checkpoint written without an iterator (a converted model): the data starts afresh
+                logging.warning("checkpoint step %d in %s has no data iterator state; the data starts from the "
+                                "beginning.", step, self.directory)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:  # structure or shape mismatch
