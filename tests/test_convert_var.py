@@ -107,13 +107,19 @@ def tokenizer_outputs(converted, fx) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def _one_device_env() -> dict[str, str]:
+    """The environment of a user's command line: one CPU device (the tests simulate eight)."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    return {**os.environ, "XLA_FLAGS": flags}
+
+
 @pytest.fixture(scope="module")
 def workdir(files, tmp_path_factory) -> Path:
-    """Both models converted through the command line."""
+    """Both models converted through the command line (on one device; the tests load it on eight)."""
     out = tmp_path_factory.mktemp("var_workdir") / "wd"
     cmd = [sys.executable, "-m", "vqgen.convert.var", "--vae", str(files["vae"]), "--var", str(files["var"]),
            "--out", str(out), "--dtype", "float32"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=_one_device_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     return out
@@ -223,7 +229,8 @@ def test_tokenizer_only_and_generator_only_conversions(states, files, tmp_path):
     alone = convert_var.convert(states["vae"], None, scales=(1, 2, 3, 4))
     assert alone.generator_params is None and "generator" not in alone.config  # tokenizers/var_vqvae
     assert alone.config.data.image_size == 64 and alone.config.tokenizer.dtype == "bfloat16"
-    convert_var.convert_files(None, str(files["var_b"]), str(tmp_path / "gen"), dtype="float32")
+    one_device = parallel.create_mesh((1, 1, 1), jax.devices()[:1])
+    convert_var.convert_files(None, str(files["var_b"]), str(tmp_path / "gen"), dtype="float32", mesh=one_device)
     assert os.listdir(tmp_path / "gen" / "checkpoints") == ["generator"]
     config = load_config_from_workdir(str(tmp_path / "gen"))
     assert (config.tokenizer.quantizer.codebook_size, config.tokenizer.z_channels) == (64, 8)  # from the transformer
@@ -285,8 +292,8 @@ def _without(state, *keys):
     ("var_as_vae", r"^vae\.pth is a VAR transformer state dict \(2 blocks\), not the VQ-VAE; pass it as --var\.$"),
     ("vae_as_var", r"^var\.pth is a VAR VQ-VAE state dict, not the transformer; pass it as --vae\.$"),
     ("depth", r"^var\.pth is a VAR-d2 state dict \(2 blocks\) but --depth 16 was given; pass the d16 file"),
-    ("missing", r"^vae\.pth is not a VAR VQ-VAE state dict: missing 1 keys \(decoder\.up\.3\.block\.1\.conv2\.bias\)\.$"),
-    ("extra", r"^var\.pth is not a VAR-d2 transformer state dict: unexpected 1 keys \(blocks\.0\.attn\.extra\)\.$"),
+    ("missing", r"^vae\.pth is not a VAR VQ-VAE state dict: missing 1 key \(decoder\.up\.3\.block\.1\.conv2\.bias\)\.$"),
+    ("extra", r"^var\.pth is not a VAR-d2 transformer state dict: unexpected 1 key \(blocks\.0\.attn\.extra\)\.$"),
     ("shape", r"^vae\.pth is not a VAR VQ-VAE state dict: wrong shapes quant_conv\.bias \(9,\) \(expected \(8,\)\)\.$"),
     ("pair", r"^vae\.pth has 64 codes of width 8 but var\.pth predicts 32 codes of width 8; pass the VQ-VAE"),
     ("scales", r"^var\.pth was trained on the scales 1,2,3,4 \(its lvl_1L\) but --scales 1,2,4 was given"),
@@ -341,7 +348,7 @@ def test_unreadable_files_are_refused(tmp_path):
 
 def test_command_line_error_is_one_line(files, tmp_path):
     cmd = [sys.executable, "-m", "vqgen.convert.var", "--vae", str(files["var"]), "--out", str(tmp_path / "wd")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=_one_device_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: var.pth is a VAR transformer state dict (2 blocks), not the VQ-VAE; pass it as --var.")

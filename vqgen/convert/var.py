@@ -581,8 +581,9 @@ def convert(vae_state: Mapping[str, np.ndarray] | None = None, var_state: Mappin
         generator_params=convert_var(var_state, var) if var is not None else None)
 
 
-def convert_files(vae: str | None, var: str | None, out: str, **kwargs: Any) -> Converted:
-    """Reads the files, converts them (:func:`convert`) and writes the workdir ``out``."""
+def convert_files(vae: str | None, var: str | None, out: str, *, mesh=None, **kwargs: Any) -> Converted:
+    """Reads the files, converts them (:func:`convert`, which takes ``kwargs``) and writes the
+    workdir ``out`` (on ``mesh``, default the config's)."""
     from vqgen.convert.workdir import write_workdir
 
     vae_state = load_state_dict(vae, VAE_WRAPPERS) if vae else None
@@ -590,7 +591,7 @@ def convert_files(vae: str | None, var: str | None, out: str, **kwargs: Any) -> 
     converted = convert(vae_state, var_state, vae_name=os.path.basename(vae or "") or "the VQ-VAE file",
                         var_name=os.path.basename(var or "") or "the VAR file", **kwargs)
     write_workdir(converted.config, out, tokenizer_params=converted.tokenizer_params,
-                  generator_params=converted.generator_params)
+                  generator_params=converted.generator_params, mesh=mesh)
     return converted
 
 

@@ -147,7 +147,7 @@ def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int
 
 def _some(keys: Sequence[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit])
-    return f"{len(keys)} keys ({shown}{', ...' if len(keys) > limit else ''})"
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
 def oihw_to_hwio(weight: np.ndarray) -> np.ndarray:
@@ -164,7 +164,7 @@ def match_tree(params: Mapping, abstract: Any, what: str) -> dict:
     """``params`` (nested dict of arrays) cast to the dtypes of ``abstract`` (the model's unboxed
     abstract params); raises ``ValueError`` when the names or shapes differ."""
     flat = traverse_util.flatten_dict(dict(params), sep="/")
-    want = traverse_util.flatten_dict(jax.tree.map(lambda x: x, dict(abstract)), sep="/")
+    want = traverse_util.flatten_dict(dict(abstract), sep="/")
     missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
     wrong = sorted(k for k in set(want) & set(flat) if tuple(np.shape(flat[k])) != tuple(want[k].shape))
     if missing or extra or wrong:
@@ -186,9 +186,9 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
 
     ``tokenizer_params`` / ``generator_params`` are nested dicts of arrays in the layout of the
     model the config builds (checked leaf by leaf). Refuses a workdir that already holds a
-    checkpoint of a phase to be written. The config is written first only after every phase
-    was built, so a config that cannot hold the weights leaves nothing behind. A phase state is
-    a ``flax.struct`` dataclass with ``params`` and ``ema_params`` fields (both phases' states are).
+    checkpoint of a phase to be written. Nothing is written before every phase is built and its
+    weights checked. A phase state is a ``flax.struct`` dataclass with ``params`` and
+    ``ema_params`` fields (both phases' states are).
     """
     # Imported here: the training stack is heavy and reading files does not need it.
     from vqgen import parallel
@@ -224,14 +224,19 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
 def _converted_state(phase, params: Mapping, shardings: Any, mesh, rules) -> Any:
     """The phase's initial state (its own ``init`` with its ``init_seed``, as training starts) with
     ``params`` and ``ema_params`` set to the converted weights. The initial values of those two
-    fields are dropped from the compiled init, so the model's random initialisation is never run."""
+    fields are dropped from the compiled init, so the model's random initialisation is never run;
+    on CPU the one-off init program is compiled without XLA's expensive optimisations (a second
+    instead of several; the other fields' initial values agree to float rounding)."""
     from vqgen import parallel
 
     def init_rest(rng):
         return parallel.unbox(phase.init(rng)).replace(params=None, ema_params=None)
 
+    rng = jax.random.key(phase.init_seed)
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if cpu else None
     with parallel.mesh_context(mesh, rules):
-        rest = jax.jit(init_rest, out_shardings=shardings.replace(params=None, ema_params=None))(
-            jax.random.key(phase.init_seed))
+        init = jax.jit(init_rest, out_shardings=shardings.replace(params=None, ema_params=None))
+        rest = init.lower(rng).compile(options)(rng)
         placed = jax.device_put(dict(params), shardings.params)
     return rest.replace(params=placed, ema_params=placed)
