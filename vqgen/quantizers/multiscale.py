@@ -177,9 +177,9 @@ class MultiScaleResidualQuantizer(nn.Module):
                 raise ValueError(f"z must be a [B, H, W, D] feature map; got shape {z.shape}.")
             if z.shape[1] != size or z.shape[2] != size:
                 raise ValueError(
-                    f"scales={scales} end at {size} but z is {z.shape[1]}x{z.shape[2]}; the last "
-                    f"scale must equal the feature map size, e.g. scales ending with {z.shape[1]} "
-                    "for a square map."
+                    f"scales={scales} end at {size} but the feature map (the token grid) is "
+                    f"{z.shape[1]}x{z.shape[2]}; make the last scale {z.shape[1]} (tokenizer.quantizer.scales "
+                    "in a config), e.g. scales ending with it for a square map."
                 )
             dim = z.shape[-1]
             if stored is not None and stored != dim:
