@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the converter reads PyTorch files (CI installs torch==2.13.0 CPU)")
 
 import vqgen  # noqa: E402
-from vqgen import parallel  # noqa: E402
+from vqgen import config_lib, parallel  # noqa: E402
 from vqgen.api import load_config_from_workdir  # noqa: E402
 from vqgen.convert import var as convert_var  # noqa: E402
 from vqgen.convert import workdir as convert_workdir  # noqa: E402
@@ -141,7 +141,7 @@ def test_inferred_sizes_and_config(converted):
     # width 64·depth and depth heads are VAR's ties to depth, which the paper section leaves implicit
     assert config.generator.depth == 2 and "width" not in config.generator and "num_heads" not in config.generator
     assert config.generator.dtype == config.tokenizer.dtype == "float32"
-    assert config.sample.top_k == 900  # the rest is the paper config (generators/var:d16)
+    assert config.sample.top_k == 64 and config.sample.top_p == 0.96  # VAR's top-k 900 capped at the vocabulary
 
 
 def test_tokens_and_reconstruction_match_official(tokenizer_outputs, fx):
@@ -176,7 +176,10 @@ def test_released_key_layout(fx):
     assert (vae.ch, vae.ch_mult, vae.z_channels, vae.vocab_size, vae.phi_count) == (160, (1, 1, 2, 2, 4), 32, 4096, 4)
     assert (var.depth, var.width, var.num_heads, var.num_classes, var.scales) == (
         16, 1024, 16, 1000, convert_var.VAR_SCALES)
-    assert conv.config.data.image_size == 256 and conv.config.tokenizer.dtype == "bfloat16"
+    # the released files convert to exactly the paper config, so --config=generators/var:d16 reads the workdir
+    assert conv.config.to_json() == config_lib.load_config("generators/var:d16").to_json()
+    vae_alone = convert_var.convert(fake["vae_ch160v4096z32"], None).config
+    assert vae_alone.to_json() == config_lib.load_config("tokenizers/var_vqvae").to_json()
     model = builders.build_tokenizer(conv.config.tokenizer, 3)
     n_vae = sum(int(np.prod(s)) for s in convert_var.vae_manifest(vae).values())
     assert n_vae == vqgan.count_params(model, 256, 3) == 108_948_355

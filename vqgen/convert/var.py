@@ -5,16 +5,19 @@
     python -m vqgen.convert.var --var var_d16.pth --out runs/var_d16_gen               # generator only
 
 The workdir holds ``config.json`` and step-0 checkpoints of the tokenizer and/or generator
-phases (:mod:`vqgen.convert.workdir`), so ``vqgen.load_tokenizer(out)``,
-``vqgen.load_generator(out)`` and ``python -m vqgen.main --workdir=out --mode=sample`` use it as
-if vqgen had trained it. The config is the paper config, ``configs/generators/var.py:d<depth>``
+phases (:mod:`vqgen.convert.workdir`), so ``vqgen.load_tokenizer(out)`` and
+``vqgen.load_generator(out)`` use it as if vqgen had trained it, and training on it fine-tunes the
+converted weights. The config is the paper config, ``configs/generators/var.py:d<depth>``
 (``configs/tokenizers/var_vqvae.py`` for a VQ-VAE alone), with every size read from the tensor
-shapes written over it: the VQ-VAE's ``ch``, channel multipliers, res blocks, latent width,
+shapes written over it; VAR's released files give the paper config itself, so
+``python -m vqgen.main --config=generators/var:d16 --workdir=out --mode=sample`` samples from
+them. Sizes read: the VQ-VAE's ``ch``, channel multipliers, res blocks, latent width,
 vocabulary and Φ sharing; the transformer's depth (blocks), width, heads (``scale_mul_1H11``),
 MLP width, AdaLN kind, classes (``class_emb`` rows - 1) and scale schedule (``lvl_1L`` when the
 file has it, else ``pos_1LC``/``lvl_embed`` must match VAR's 256px schedule 1,2,3,4,5,6,8,10,13,16
 or ``--scales`` says it); ``data.image_size`` is the VQ-VAE's downsampling (16) times the last
-scale. ``--dtype float32`` sets the compute dtype of both models (the paper configs use bfloat16).
+scale; ``sample.top_k`` (VAR's 900) is capped at the vocabulary. ``--dtype float32`` sets the
+compute dtype of both models (the paper configs use bfloat16).
 
 Files: ``torch.load(map_location="cpu", weights_only=True)`` of a plain state dict or of VAR's
 training checkpoint (``{"trainer": {"var_wo_ddp": ..., "vae_local": ...}}``), or a
@@ -530,6 +533,8 @@ def make_config(vae: VAEInfo | None, var: VARInfo | None, scales: Sequence[int],
             _set(gen, num_heads=var.num_heads)
         if var.mlp_hidden != round(4.0 * var.width):
             _set(gen, mlp_ratio=var.mlp_hidden / var.width)
+        if config.sample.top_k > var.vocab_size:  # VAR's top-k 900 is for 4096 codes
+            _set(config.sample, top_k=var.vocab_size)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
