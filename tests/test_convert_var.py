@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,9 +243,19 @@ def test_tokenizer_only_and_generator_only_conversions(states, files, tmp_path):
     assert gen.tokenizer is None
 
 
-def test_refuses_a_workdir_with_checkpoints(workdir, files):
+def test_refuses_a_workdir_with_checkpoints(workdir, files, tmp_path):
     with pytest.raises(convert_workdir.ConversionError, match=r"already holds a checkpoint; pass a new --out"):
         convert_var.convert_files(str(files["vae"]), None, str(workdir), scales=(1, 2, 3, 4))
+    # a transformer alone into a workdir holding another tokenizer (its config says ch 160, the tokenizer has 32)
+    shutil.copytree(workdir / "checkpoints" / "tokenizer", tmp_path / "checkpoints" / "tokenizer")
+    shutil.copy(workdir / "config.json", tmp_path / "config.json")
+    with pytest.raises(convert_workdir.ConversionError, match=r"holds a tokenizer that the converted model's config "
+                       r"does not describe \(tokenizer\.ch: checkpoint 32 vs config 160.*\); convert the tokenizer "
+                       r"and the generator together into a new --out\.$"):
+        convert_var.convert_files(None, str(files["var_b"]), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]  # nothing written
+    assert os.listdir(tmp_path / "checkpoints") == ["tokenizer"]
+    assert (tmp_path / "config.json").read_text() == (workdir / "config.json").read_text()
 
 
 # ------------------------------------------------------------------------------- file formats
@@ -295,7 +306,8 @@ def _without(state, *keys):
     ("var_as_vae", r"^vae\.pth is a VAR transformer state dict \(2 blocks\), not the VQ-VAE; pass it as --var\.$"),
     ("vae_as_var", r"^var\.pth is a VAR VQ-VAE state dict, not the transformer; pass it as --vae\.$"),
     ("depth", r"^var\.pth is a VAR-d2 state dict \(2 blocks\) but --depth 16 was given; pass the d16 file"),
-    ("missing", r"^vae\.pth is not a VAR VQ-VAE state dict: missing 1 key \(decoder\.up\.3\.block\.1\.conv2\.bias\)\.$"),
+    ("missing", r"^vae\.pth is not a VAR VQ-VAE state dict: missing 1 key "
+                r"\(decoder\.up\.3\.block\.1\.conv2\.bias\)\.$"),
     ("extra", r"^var\.pth is not a VAR-d2 transformer state dict: unexpected 1 key \(blocks\.0\.attn\.extra\)\.$"),
     ("shape", r"^vae\.pth is not a VAR VQ-VAE state dict: wrong shapes quant_conv\.bias \(9,\) \(expected \(8,\)\)\.$"),
     ("pair", r"^vae\.pth has 64 codes of width 8 but var\.pth predicts 32 codes of width 8; pass the VQ-VAE"),
@@ -345,7 +357,8 @@ def test_unreadable_files_are_refused(tmp_path):
     with pytest.raises(convert_workdir.ConversionError, match=r"cannot be read with torch\.load\(weights_only=True\)"):
         convert_workdir.load_state_dict(str(tmp_path / "pickled.pth"))
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "opt.pth")
-    with pytest.raises(convert_workdir.ConversionError, match=r"holds no state dict \(top level: \['epoch', 'optimizer'\]"):
+    with pytest.raises(convert_workdir.ConversionError,
+                       match=r"holds no state dict \(top level: \['epoch', 'optimizer'\]"):
         convert_workdir.load_state_dict(str(tmp_path / "opt.pth"), convert_var.VAR_WRAPPERS)
 
 

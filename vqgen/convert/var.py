@@ -612,8 +612,9 @@ def _parse_scales(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> Converted:
     """Command-line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m vqgen.convert.var",
-                                     description="Convert VAR's PyTorch VQ-VAE and/or transformer into a vqgen workdir.")
+    parser = argparse.ArgumentParser(
+        prog="python -m vqgen.convert.var",
+        description="Convert VAR's PyTorch VQ-VAE and/or transformer into a vqgen workdir.")
     parser.add_argument("--vae", help="VQ-VAE weights, e.g. vae_ch160v4096z32.pth (.pth or .safetensors)")
     parser.add_argument("--var", help="transformer weights, e.g. var_d16.pth (.pth or .safetensors)")
     parser.add_argument("--out", required=True, help="the workdir to write (must not hold checkpoints yet)")

@@ -92,7 +92,8 @@ def _is_tensor_dict(obj: Any) -> bool:
         hasattr(v, "shape") and not isinstance(v, Mapping) for v in obj.values())
 
 
-def load_state_dict(path: str, wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",))) -> dict[str, np.ndarray]:
+def load_state_dict(path: str,
+                    wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",))) -> dict[str, np.ndarray]:
     """The state dict in ``path`` (``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors``) as NumPy arrays.
 
     ``wrappers`` are key paths tried in order when the file holds a dict of dicts (a training
@@ -139,8 +140,8 @@ def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int
     if extra:
         problems.append(f"unexpected {_some(extra)}")
     if wrong:
-        problems.append("wrong shapes " + ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
-                                                   for k in wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})" for k in wrong[:3])
+        problems.append(f"wrong shapes {shown}" + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     if problems:
         raise ConversionError(f"{name} is not a {kind} state dict: {'; '.join(problems)}.")
 
@@ -186,12 +187,14 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
 
     ``tokenizer_params`` / ``generator_params`` are nested dicts of arrays in the layout of the
     model the config builds (checked leaf by leaf). Refuses a workdir that already holds a
-    checkpoint of a phase to be written. Nothing is written before every phase is built and its
-    weights checked. A phase state is a ``flax.struct`` dataclass with ``params`` and
+    checkpoint of a phase to be written, or a tokenizer the config does not describe (a generator
+    may be added to a workdir that holds its tokenizer). Nothing is written before every phase is
+    built and its weights checked. A phase state is a ``flax.struct`` dataclass with ``params`` and
     ``ema_params`` fields (both phases' states are).
     """
     # Imported here: the training stack is heavy and reading files does not need it.
     from vqgen import parallel
+    from vqgen.checkpoint import IncompatibleCheckpointError
     from vqgen.train import common, run
     from vqgen.train import generator as generator_lib
     from vqgen.train import tokenizer as tokenizer_lib
@@ -205,6 +208,13 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
         if _has_checkpoint(phase.ckpt_dir(workdir)):
             raise ConversionError(f"{phase.ckpt_dir(workdir)} already holds a checkpoint; pass a new --out "
                                   "(converted weights never overwrite a run).")
+    # A generator added to a workdir that holds a tokenizer must fit that tokenizer (as a run checks).
+    try:
+        run.validate(config, workdir, tuple(f"train_{phase.name}" for phase, _ in phases))
+    except IncompatibleCheckpointError as e:
+        detail = str(e).partition("(")[2].rpartition(")")[0] or str(e)
+        raise ConversionError(f"{workdir} holds a tokenizer that the converted model's config does not describe "
+                              f"({detail}); convert the tokenizer and the generator together into a new --out.") from e
     mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
     rules = parallel.rules_from_config(config.logical_rules)
     built = []
