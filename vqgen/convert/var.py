@@ -70,9 +70,16 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vqgen.convert.workdir import ConversionError, check_keys, linear_kernel, load_state_dict, oihw_to_hwio
+from vqgen.convert.workdir import (
+    ConversionError,
+    check_keys,
+    linear_kernel,
+    load_state_dict,
+    oihw_to_hwio,
+    write_workdir,
+)
+from vqgen.quantizers.multiscale import VAR_SCALES  # VAR's 256px schedule
 
-VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256px schedule (vqgen.quantizers.multiscale)
 PAPER_DEPTHS = (16, 20, 24, 30)  # configs/generators/var.py variants
 VAE_BUFFERS = ("quantize.ema_vocab_hit_SV",)
 # Where the weights sit inside VAR's training checkpoints (trainer.py) and other common wrappers.
@@ -93,10 +100,6 @@ class VAEInfo:
     quant_conv_kernel: int
     phi_style: str  # "partial" (qresi_ls.{k}), "shared" (qresi), "each" (quant_resi.{k}) or "none"
     phi_count: int
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
 
     def phi_share(self, num_scales: int) -> int:
         """vqgen's ``phi_share`` for this file's Φs over ``num_scales`` scales."""
@@ -589,8 +592,6 @@ def convert(vae_state: Mapping[str, np.ndarray] | None = None, var_state: Mappin
 def convert_files(vae: str | None, var: str | None, out: str, *, mesh=None, **kwargs: Any) -> Converted:
     """Reads the files, converts them (:func:`convert`, which takes ``kwargs``) and writes the
     workdir ``out`` (on ``mesh``, default the config's)."""
-    from vqgen.convert.workdir import write_workdir
-
     vae_state = load_state_dict(vae, VAE_WRAPPERS) if vae else None
     var_state = load_state_dict(var, VAR_WRAPPERS) if var else None
     converted = convert(vae_state, var_state, vae_name=os.path.basename(vae or "") or "the VQ-VAE file",
