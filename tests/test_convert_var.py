@@ -195,9 +195,10 @@ def test_workdir_loads_through_the_api(workdir, fx):
     config = load_config_from_workdir(str(workdir))
     with config.unlocked():
         config.tokenizer_train.batch_size = 8  # encoding batch only; not part of the architecture
+    tok = vqgen.load_tokenizer(str(workdir), config=config)
+    np.testing.assert_array_equal(tok.encode(_nhwc(fx["image"])), fx["tokens"])
     gen = vqgen.load_generator(str(workdir), config=config)
     assert gen.tokenizer is not None and gen.spec.scales == (1, 2, 3, 4)
-    np.testing.assert_array_equal(gen.tokenizer.encode(_nhwc(fx["image"])), fx["tokens"])
     trained = gen._trained
     logits = trained.model.apply({"params": trained.params}, jnp.asarray(fx["var_input"]), jnp.asarray(fx["labels"]))
     np.testing.assert_allclose(np.asarray(logits), fx["logits"], atol=ATOL, rtol=0)
