@@ -150,10 +150,11 @@ def test_teacher_forcing_input_is_vars_cumulative_residual_input(phi_share):
     np.testing.assert_allclose(want_f, decoded, atol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "fori_loop"])
 @pytest.mark.parametrize(
     "kw,phi_share", [(dict(), 4), (dict(shared_aln=True, attn_l2_norm=False), 1)], ids=["adaln", "shared_aln"]
 )
-def test_cached_sampling_equals_teacher_forced_forward(kw, phi_share):
+def test_cached_sampling_equals_teacher_forced_forward(kw, phi_share, unroll):
     model = tiny(**kw)
     params = random_params(model)
     q, variables = quantizer(phi_share)
@@ -161,7 +162,8 @@ def test_cached_sampling_equals_teacher_forced_forward(kw, phi_share):
     labels = np.array([0, 4, 2], np.int32)
     opts = var.SamplerOptions(top_k=1)
     tokens, logits, f_hat = var.sample(
-        model, params, labels, jax.random.key(0), opts, vq_params=variables["params"], codec=codec, return_logits=True
+        model, params, labels, jax.random.key(0), opts, vq_params=variables["params"], codec=codec, return_logits=True,
+        unroll=unroll,
     )
     chex.assert_shape(tokens, (3, 30))
     assert tokens.dtype == jnp.int32
@@ -172,7 +174,8 @@ def test_cached_sampling_equals_teacher_forced_forward(kw, phi_share):
     decoded = q.apply(variables, var.split_scales(tokens, SCALES), method="decode_indices")
     np.testing.assert_allclose(f_hat, decoded, atol=1e-5)
     # Greedy: another key draws the same pyramid.
-    again = var.sample(model, params, labels, jax.random.key(9), opts, vq_params=variables["params"], codec=codec)
+    again = var.sample(model, params, labels, jax.random.key(9), opts, vq_params=variables["params"], codec=codec,
+                       unroll=unroll)
     np.testing.assert_array_equal(again, tokens)
 
 
@@ -225,11 +228,12 @@ def test_sampler_traces_once_and_runs_one_while_loop():
                    codec=codec)
     assert var._sample_jit._cache_size() == before + 1
 
-    # One while loop; the traced program does not grow with the number of scales.
-    def program(scales):
+    # With unroll=False: one while loop, and the traced program does not grow with the number of
+    # scales. Unrolled (the default): one program with one block per scale.
+    def program(scales, unroll=False):
         m = tiny(scales=scales)
         cdc = var.ScaleCodec(scales, phi_ratio=0.0)  # Φ = identity: the codebook alone
-        fn = lambda p, y, r, vq: var.sample_tokens(m, p, y, r, opts, vq, cdc)  # noqa: E731
+        fn = lambda p, y, r, vq: var.sample_tokens(m, p, y, r, opts, vq, cdc, unroll=unroll)  # noqa: E731
         abstract = nn.meta.unbox(var.abstract_params(m))
         args = (abstract, jnp.array([0, 1]), jax.random.key(0), {"codebook": jnp.ones((K, CVAE))})
         return str(jax.make_jaxpr(fn)(*args)), jax.jit(fn).lower(*args).as_text()
@@ -237,6 +241,8 @@ def test_sampler_traces_once_and_runs_one_while_loop():
     (small, small_hlo), (big, _) = program(SCALES), program((1, 2, 3, 4, 5, 6))
     assert "stablehlo.while" in small_hlo
     assert len(small.splitlines()) == len(big.splitlines())
+    (u_small, _), (u_big, _) = program(SCALES, unroll=True), program((1, 2, 3, 4, 5, 6), unroll=True)
+    assert len(u_big.splitlines()) > len(u_small.splitlines())
 
 
 def test_loss_init_and_dtypes():

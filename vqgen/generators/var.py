@@ -68,16 +68,17 @@ Parameter counts (:func:`count_params`, vocabulary 4096, 1000 classes, VAR's 256
 
 Sampler (:func:`sample`): the tokenizer's quantizer is an explicit input — its parameters
 ``vq_params`` (the ``codebook [V, Cvae]`` and Φ convolutions ``phi_k``) and a static
-:class:`ScaleCodec` (scales, Φ sharing and ratio; ``phi_ratio=0`` is Φ = identity). One
-``lax.fori_loop`` runs over the scales: at scale ``k`` the input is the area-downsampled running
-``f_hat`` (the class token at ``k = 0``), a preallocated KV cache of ``L`` slots receives the
-scale's keys and values, all tokens of the scale are drawn at once, and ``f_hat += Φ_k(bicubic
-up(codebook[codes]))`` (VAR's ``get_next_autoregressive_input``). Shapes are static: every
-iteration processes a block of ``max(s)²`` positions starting at the scale's first position;
-positions beyond the scale are padding — masked as keys, ignored in ``f_hat``, and overwritten
-by the next scale (so the last, largest scale fills the block exactly). This costs up to
-``S * max(s)² / L`` times the minimal compute (3.8 for VAR's 256px schedule) in exchange for a
-single compiled loop.
+:class:`ScaleCodec` (scales, Φ sharing and ratio; ``phi_ratio=0`` is Φ = identity). One jitted
+program runs all scales: at scale ``k`` the input is the area-downsampled running ``f_hat``
+(the class token at ``k = 0``), a preallocated KV cache of ``L`` slots receives the scale's keys
+and values, all tokens of the scale are drawn at once, and ``f_hat += Φ_k(bicubic
+up(codebook[codes]))`` (VAR's ``get_next_autoregressive_input``). By default the scales are
+traced one after another into the program, each at its own ``s_k²`` positions (no Python runs
+per scale when sampling; the program holds one copy of the transformer per scale). With
+``unroll=False`` a ``lax.fori_loop`` holds one copy whose every iteration processes a block of
+``max(s)²`` positions from the scale's first position; positions beyond the scale are padding —
+masked as keys, ignored in ``f_hat`` and overwritten by the next scale — which costs up to
+``S * max(s)² / L`` times the compute (3.8 for VAR's 256px schedule) for a smaller program.
 """
 from __future__ import annotations
 
@@ -286,8 +287,15 @@ def check_vq_params(vq_params: Any, codec: ScaleCodec, vocab_size: int | None = 
 
 
 def scale_input(codec: ScaleCodec, f_hat: jax.Array, k: jax.Array | int) -> jax.Array:
-    """``f_hat [B, H, W, C]`` area-downsampled to scale ``k``: ``[B, max(s)², C]`` float32 tokens,
-    row-major, zero beyond ``s_k²``. ``k`` may be traced."""
+    """``f_hat [B, H, W, C]`` area-downsampled to scale ``k``, as float32 tokens in row-major order:
+    ``[B, s_k², C]`` for a Python int ``k``; ``[B, max(s)², C]``, zero beyond ``s_k²``, for a
+    traced ``k``."""
+    if isinstance(k, int):
+        s, size = codec.scales[k], codec.scales[-1]
+        small = f_hat.astype(jnp.float32)
+        if s != size:
+            small = _resample(jnp.asarray(area_matrix(s, size)), small)  # [B, s, s, C]
+        return small.reshape(small.shape[0], s * s, small.shape[-1])
     tab = _codec_tables(codec.scales)
     b, size, _, c = f_hat.shape
     small = _resample(_table_row(tab.down, k), f_hat.astype(jnp.float32))  # [B, H, H, C], valid [:s, :s]
@@ -315,10 +323,16 @@ def _apply_phi(codec: ScaleCodec, vq_params: Any, h: jax.Array, k: jax.Array | i
 def scale_residual(codec: ScaleCodec, vq_params: Any, codes: jax.Array, k: jax.Array | int) -> jax.Array:
     """Scale ``k``'s contribution to ``f_hat``: ``Φ_k(bicubic_up(codebook[codes]))`` ``[B, H, W, C]``
     float32, from ``codes [B, P]`` (P >= s_k²; codes beyond ``s_k²`` are ignored). ``k`` may be traced."""
-    tab = _codec_tables(codec.scales)
     codebook = nn.meta.unbox(vq_params["codebook"]).astype(jnp.float32)  # [V, C]
     size = codec.scales[-1]
     b = codes.shape[0]
+    if isinstance(k, int):  # the scale's own size: no padding
+        s = codec.scales[k]
+        h = jnp.take(codebook, codes[:, : s * s].astype(jnp.int32), axis=0).reshape(b, s, s, -1)  # [B, s, s, C]
+        if s != size:
+            h = _resample(jnp.asarray(bicubic_matrix(size, s)), h)  # [B, H, W, C]
+        return _apply_phi(codec, nn.meta.unbox(vq_params), h, k).astype(jnp.float32)
+    tab = _codec_tables(codec.scales)
     emb = jnp.take(codebook, codes.astype(jnp.int32), axis=0)  # [B, P, C]
     grid = jnp.take(emb, _table_row(tab.grid_token, k), axis=1)  # [B, H*H, C]
     grid = (grid * _table_row(tab.grid_valid, k)[None, :, None]).reshape(b, size, size, -1)  # [B, H, H, C]
@@ -346,7 +360,7 @@ def _accumulate(tokens: Any, vq_params: Any, codec: ScaleCodec) -> tuple[jax.Arr
         f_hat = f_hat + scale_residual(codec, vq_params, tokens[:, start : start + s * s], k)
         if k + 1 < len(codec.scales):
             nxt = codec.scales[k + 1]
-            inputs.append(scale_input(codec, f_hat, k + 1)[:, : nxt * nxt])  # [B, s_{k+1}², C]
+            inputs.append(scale_input(codec, f_hat, k + 1))  # [B, s_{k+1}², C]
     x_input = jnp.concatenate(inputs, axis=1) if inputs else jnp.zeros((b, 0, cvae), jnp.float32)
     return x_input, f_hat
 
@@ -729,6 +743,17 @@ class VAR(nn.Module):
 
     def step(self, x_block: jax.Array, labels: jax.Array, k: jax.Array | int, cache: list[Cache]):
         lay = self.layout
+        if isinstance(k, int):  # a static scale: exactly its s_k² positions
+            begin, n = int(lay.begins[k]), lay.scales[k] ** 2
+            cond = self._cond(labels)  # [B, C]
+            if k == 0:
+                h = cond[:, None, :] + self.pos_start.astype(jnp.float32)[None]  # [B, s_0², C]
+            else:
+                h = self.word_embed(x_block[:, :n].astype(jnp.float32)).astype(jnp.float32)  # [B, s_k², C]
+            h = h + self._lvl_pos()[None, begin:begin + n]
+            end = begin + n  # keys of scales <= k: the first `end` cache slots
+            mask = (np.arange(lay.seq_len) < end)[None, :]  # [1, L]
+            return self._trunk(h, cond, mask, cache, begin, False)  # [B, s_k², V]
         p = lay.block
         begin = jnp.asarray(lay.begins)[k]
         cond = self._cond(labels)  # [B, C]
@@ -889,11 +914,16 @@ def sample_tokens(
     vq_params: Any,
     codec: ScaleCodec,
     return_logits: bool = False,
+    unroll: bool = True,
 ):
-    """Un-jitted body of :func:`sample` (pure; ``model``, ``opts``, ``codec`` and
-    ``return_logits`` must be static under jit). Returns ``tokens [B, L]``, or
-    ``(tokens, logits [B, L, V], f_hat [B, H, W, Cvae])`` with ``return_logits`` (the guided
-    float32 logits each scale was drawn from, and the final quantized feature map).
+    """Un-jitted body of :func:`sample` (pure; ``model``, ``opts``, ``codec``, ``return_logits``
+    and ``unroll`` must be static under jit). Returns ``tokens [B, L]``, or ``(tokens, logits
+    [B, L, V], f_hat [B, H, W, Cvae])`` with ``return_logits`` (the guided float32 logits each
+    scale was drawn from, and the final quantized feature map).
+
+    ``unroll=True`` traces the scales one after another into the one program, each at its own
+    size (``s_k²`` positions); ``unroll=False`` runs a ``lax.fori_loop`` whose body processes
+    ``max(s)²`` positions per scale (one copy of the transformer in the program, more compute).
     """
     params = nn.meta.unbox(params)
     vq_params = nn.meta.unbox(vq_params)
@@ -927,13 +957,17 @@ def sample_tokens(
             out = jax.lax.dynamic_update_slice(out, logits.astype(jnp.float32), (0, begins[k], 0))  # [B, L, V]
         return _ScaleState(tokens=tokens, f_hat=f_hat, cache=cache, logits=out)
 
-    state = jax.lax.fori_loop(0, num_scales, body, state)
+    if unroll:
+        for k in range(num_scales):
+            state = body(k, state)
+    else:
+        state = jax.lax.fori_loop(0, num_scales, body, state)
     if return_logits:
         return state.tokens, state.logits, state.f_hat
     return state.tokens
 
 
-_sample_jit = jax.jit(sample_tokens, static_argnames=("model", "opts", "codec", "return_logits"))
+_sample_jit = jax.jit(sample_tokens, static_argnames=("model", "opts", "codec", "return_logits", "unroll"))
 
 
 def sample(
@@ -946,19 +980,23 @@ def sample(
     vq_params: Any = None,
     codec: ScaleCodec | None = None,
     return_logits: bool = False,
+    unroll: bool = True,
 ):
-    """Samples the ``int32 [B, L]`` token pyramid for class ids ``labels [B]`` (KV cache, one lax loop).
+    """Samples the ``int32 [B, L]`` token pyramid for class ids ``labels [B]`` (KV cache, one program).
 
     ``vq_params`` are the params of the tokenizer's multi-scale quantizer (``codebook`` and
     ``phi_k``) and ``codec`` its static settings (default: VAR's, ``ScaleCodec(model.scales)``;
     ``phi_ratio=0`` samples with Φ = identity). Jitted end to end with ``model``, ``opts`` and
-    ``codec`` static: one compile per model, options, codec and batch size. Scale ``k`` is drawn
+    ``codec`` static: one compile per model, options, codec and batch size; no Python runs per
+    scale. ``unroll`` (default) processes each scale at its own size; ``unroll=False`` uses one
+    loop body padded to the largest scale (see :func:`sample_tokens`). Scale ``k`` is drawn
     with key ``jax.random.fold_in(rng, k)``. Raises ``ValueError`` for class ids out of range,
     ``top_k`` above the vocabulary, and missing or mismatched quantizer params.
     """
     codec = ScaleCodec(tuple(model.scales)) if codec is None else codec
     _check_sample_args(model, labels, opts, vq_params, codec)
-    return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, opts, vq_params, codec, return_logits)
+    return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, opts, vq_params, codec, return_logits,
+                       unroll)
 
 
 # ------------------------------------------------------------------ family adapter (trainers)
