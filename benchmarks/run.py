@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RESULTS = HERE / "results"
-ORDER = ("quantizers", "train_tokenizer", "sample_gpt", "sample_maskgit")
+ORDER = ("quantizers", "train_tokenizer", "sample_gpt", "sample_maskgit", "sample_var")
 NOT_BENCHMARKS = {"run", "common", "__init__"}
 
 

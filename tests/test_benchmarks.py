@@ -16,11 +16,11 @@ if ROOT not in sys.path:
 
 from benchmarks import common, run  # noqa: E402
 
-MODULES = ("quantizers", "train_tokenizer", "sample_gpt", "sample_maskgit")
+MODULES = ("quantizers", "train_tokenizer", "sample_gpt", "sample_maskgit", "sample_var")
 
 
 def test_discovery_finds_every_benchmark_in_order(tmp_path):
-    assert run.discover()[:4] == list(MODULES)
+    assert run.discover()[:5] == list(MODULES)
     for name in ("run", "common", "_private", "zeta", "alpha", "sample_maskgit"):
         (tmp_path / f"{name}.py").write_text("")
     assert run.discover(tmp_path) == ["sample_maskgit", "alpha", "zeta"]
