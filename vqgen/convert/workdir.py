@@ -5,8 +5,13 @@ weights_only=True)`` (no arbitrary unpickling; torch is imported only here and o
 file) or a ``.safetensors`` file, parsed directly (8-byte header length, JSON header, raw
 little-endian data), so safetensors needs no extra package. Training checkpoints that wrap the
 weights (``{"state_dict": ...}``, ``{"trainer": {"var_wo_ddp": ...}}``) are unwrapped by the
-caller's list of key paths; DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are
-removed. Tensors come back as NumPy arrays (floating point as float32).
+caller's list of key paths; DDP's ``module.`` prefix and the ``_orig_mod.`` (``torch.compile``),
+``_fsdp_wrapped_module.`` and ``_checkpoint_wrapped_module.`` segments (a full state dict saved
+from FSDP with activation checkpointing) are removed wherever they occur; FSDP's flattened
+``_flat_param`` shards are refused (they lose the parameter shapes). A caller may allow a few
+inert classes that training scripts pickle beside the weights (``argparse.Namespace``) with
+``safe_globals``; anything else that ``weights_only=True`` refuses is refused in one sentence,
+and so is a truncated file. Tensors come back as NumPy arrays (floating point as float32).
 
 Writing (:func:`write_workdir`): ``config.json`` and, for each converted model, a checkpoint of
 its phase exactly as training writes one: the phase is built from the config
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +39,7 @@ _SAFETENSORS_DTYPES = {
     "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _PREFIXES = ("module.", "_orig_mod.")
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 class ConversionError(ValueError):
@@ -66,16 +73,26 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, safe_globals: Sequence[type] = ()) -> Any:
+    import pickle
+
     import torch  # only a PyTorch file needs torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for non-tensor objects, RuntimeError for a corrupt file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # an object weights_only=True does not rebuild
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled {found.group(1)} object" if found else "pickled objects other than tensors"
         raise ConversionError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({first[:160]}); pass a file that holds "
-            "only tensors (save model.state_dict()) or a .safetensors file.") from e
+            f"{path} cannot be read with torch.load(weights_only=True): it holds {what}, and vqgen never "
+            "unpickles arbitrary objects; pass a file that holds only tensors (save model.state_dict()) or a "
+            ".safetensors file.") from e
+    except Exception as e:  # RuntimeError (zip reader), EOFError, KeyError: a truncated or foreign file
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"{path} cannot be read with torch.load(weights_only=True), it is truncated or not a PyTorch file "
+            f"({first[:120]}); download it again or pass the weights file itself.") from e
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -92,18 +109,28 @@ def _is_tensor_dict(obj: Any) -> bool:
         hasattr(v, "shape") and not isinstance(v, Mapping) for v in obj.values())
 
 
-def load_state_dict(path: str,
-                    wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",))) -> dict[str, np.ndarray]:
+def load_state_dict(path: str, wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",)), *,
+                    safe_globals: Sequence[type] = ()) -> dict[str, np.ndarray]:
     """The state dict in ``path`` (``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors``) as NumPy arrays.
 
     ``wrappers`` are key paths tried in order when the file holds a dict of dicts (a training
-    checkpoint): the first that leads to a dict of tensors is taken. Raises ``FileNotFoundError``
-    for a missing file and :class:`ConversionError` for a file that holds no state dict.
+    checkpoint): the first that leads to a dict of tensors is taken. ``safe_globals`` are classes
+    that ``torch.load(weights_only=True)`` may rebuild besides tensors (inert containers such as
+    ``argparse.Namespace``). Raises ``FileNotFoundError`` for a missing file and
+    :class:`ConversionError` for a file that holds no state dict.
     """
+    return read_state_dict(path, wrappers, safe_globals=safe_globals)[0]
+
+
+def read_state_dict(path: str, wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",)), *,
+                    safe_globals: Sequence[type] = ()) -> tuple[dict[str, np.ndarray], str]:
+    """:func:`load_state_dict` and where in the file the state dict was found (``"model"``,
+    ``"trainer/var_wo_ddp"``, or ``""`` for a file that is the state dict itself)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; pass the path of a .pth or .safetensors weights file.")
-    obj = read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    obj = read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path, safe_globals)
+    where = ""
     if not _is_tensor_dict(obj):
         found = None
         for keys in wrappers:
@@ -111,7 +138,7 @@ def load_state_dict(path: str,
             for key in keys:
                 node = node.get(key) if isinstance(node, Mapping) else None
             if _is_tensor_dict(node):
-                found = node
+                found, where = node, "/".join(keys)
                 break
         if found is None:
             top = sorted(map(str, obj))[:6] if isinstance(obj, Mapping) else type(obj).__name__
@@ -119,12 +146,21 @@ def load_state_dict(path: str,
             raise ConversionError(f"{path} holds no state dict (top level: {top}; looked under {paths}); pass the "
                                   "file of model.state_dict().")
         obj = found
+    flat = sorted(k for k in map(str, obj) if "flat_param" in k.split(".")[-1])
+    if flat:
+        raise ConversionError(f"{path} holds FSDP's flattened parameter shards ({flat[0]}), which lose the "
+                              "parameter shapes; save it with FSDP's FULL_STATE_DICT (a consolidated state dict).")
     state = {}
     for key, value in obj.items():
-        for prefix in _PREFIXES:
-            key = key.removeprefix(prefix)
-        state[key] = _to_numpy(value)
-    return state
+        state[_clean_key(str(key))] = _to_numpy(value)
+    return state, where
+
+
+def _clean_key(key: str) -> str:
+    """``key`` without DDP's leading ``module.`` and the wrapper segments of torch.compile/FSDP."""
+    for prefix in _PREFIXES:
+        key = key.removeprefix(prefix)
+    return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *, name: str, kind: str,
