@@ -378,6 +378,8 @@ def _var_like() -> dict[str, np.ndarray]:
     ("vq_config", r"^vq\.pt is a LlamaGen VQ-16 state dict \(ch 32, multipliers \(1, 1, 2, 2, 4\), 64 codes\) but "
                   r"--config tokenizers/llamagen_vq16 describes ch 128"),
     ("other", r"^gpt\.pt is not a LlamaGen c2i GPT state dict: it lacks tok_embeddings\.weight"),
+    ("decoder", r"^vq\.pt has decoder multipliers \(1, 1, 2, 2, 2\) unlike its encoder's \(1, 1, 2, 2, 4\), which "
+                r"vqgen's VQGAN \(one ch_mult for both\) does not build; pass a VQ whose encoder and decoder mirror"),
 ])
 def test_bad_state_dicts_are_refused_in_one_sentence(states, case, match):
     vq, gpt = dict(states["vq16"]), dict(states["gpt"])
@@ -405,7 +407,8 @@ def test_bad_state_dicts_are_refused_in_one_sentence(states, case, match):
     elif case == "shape":
         vq["quant_conv.bias"] = np.zeros(9, np.float32)
     elif case == "pair":
-        gpt["tok_embeddings.weight"], gpt["output.weight"] = gpt["tok_embeddings.weight"][:32], gpt["output.weight"][:32]
+        gpt["tok_embeddings.weight"] = gpt["tok_embeddings.weight"][:32]
+        gpt["output.weight"] = gpt["output.weight"][:32]
     elif case == "heads":
         kwargs.pop("num_heads")
     elif case == "bad_heads":
@@ -416,6 +419,9 @@ def test_bad_state_dicts_are_refused_in_one_sentence(states, case, match):
         vq, kwargs["config"] = None, "generators/llamagen:L"
     elif case == "vq_config":
         gpt, kwargs["config"] = None, "tokenizers/llamagen_vq16"
+    elif case == "decoder":  # the decoder's first (lowest-resolution) level narrower than the encoder's last
+        vq["decoder.conv_blocks.0.res.0.conv1.weight"] = np.zeros((64, 128, 3, 3), np.float32)
+        gpt = None
     elif case == "other":
         vq, gpt = None, {"layers.0.attention.wqkv.weight": np.zeros((3, 3), np.float32)}
     with pytest.raises(convert_workdir.ConversionError, match=match) as info:

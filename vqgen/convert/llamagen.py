@@ -86,6 +86,9 @@ from vqgen.convert.workdir import (
     read_state_dict,
     write_workdir,
 )
+from vqgen.generators import gpt as gpt_lib
+from vqgen.modules.layers import swiglu_hidden_dim
+from vqgen.modules.rope import rope_2d_table
 
 # Where the weights sit in LlamaGen's files: training checkpoints (train_c2i.py, vq_train.py),
 # DeepSpeed, Lightning-style; a file that is the state dict itself needs none.
@@ -144,9 +147,7 @@ class GPTInfo:
     @property
     def variant(self) -> str | None:
         """The name of LlamaGen's size with this depth, width and heads (``B`` ... ``3B``), if any."""
-        from vqgen.generators import gpt  # noqa: PLC0415  (the model module imports jax/flax)
-
-        for name, arch in gpt.VARIANTS.items():
+        for name, arch in gpt_lib.VARIANTS.items():
             if (arch["depth"], arch["width"], arch["num_heads"]) == (self.depth, self.width, self.num_heads):
                 return name
         return None
@@ -280,12 +281,13 @@ def inspect_vq(state: Mapping[str, np.ndarray], name: str = "the VQ file") -> VQ
         key = f"decoder.conv_blocks.{k}.res.0.conv1.weight"
         dec_mult.insert(0, max(int(state[key].shape[0]) // ch, 1) if key in state else 1)
     if dec_mult and dec_mult != ch_mult:
-        raise ConversionError(f"{name} has decoder multipliers {tuple(dec_mult)} unlike its encoder's {tuple(ch_mult)}, "
-                              "which vqgen's VQGAN (one ch_mult for both) does not build; pass a VQ_8/VQ_16-style file.")
+        raise ConversionError(f"{name} has decoder multipliers {tuple(dec_mult)} unlike its encoder's "
+                              f"{tuple(ch_mult)}, which vqgen's VQGAN (one ch_mult for both) does not build; pass a "
+                              "VQ whose encoder and decoder mirror each other (VQ_8, VQ_16).")
     codebook = state["quantize.embedding.weight"]
-    info = VQInfo(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=_count(state, r"^encoder\.conv_blocks\.0\.res\.(\d+)\."),
-                  in_channels=in_channels, z_channels=int(state["encoder.conv_out.weight"].shape[0]),
-                  embed_dim=int(codebook.shape[1]) if codebook.ndim == 2 else -1,
+    blocks = _count(state, r"^encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    info = VQInfo(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=blocks, in_channels=in_channels,
+                  z_channels=int(state["encoder.conv_out.weight"].shape[0]), embed_dim=int(codebook.shape[1]) if codebook.ndim == 2 else -1,
                   codebook_size=int(codebook.shape[0]))
     check_keys(state, vq_manifest(info), name=name, kind=f"LlamaGen {info.name}", ignore=VQ_BUFFERS)
     return info
@@ -368,8 +370,6 @@ def _gpt_buffers(state: Mapping, depth: int) -> list[str]:
 
 def _grid_from_rope(table: np.ndarray, name: str, head_dim: int | None) -> tuple[int, int]:
     """``(grid side, head_dim)`` of a stored ``freqs_cis [1 + g*g, hd/2, 2]``, checked against LlamaGen's table."""
-    from vqgen.modules.rope import rope_2d_table  # noqa: PLC0415
-
     if table.ndim != 3 or table.shape[-1] != 2:
         raise ConversionError(f"{name}: freqs_cis has shape {tuple(table.shape)}, not [1 + grid², head_dim / 2, 2]; "
                               "this is not a LlamaGen c2i GPT state dict.")
@@ -481,8 +481,6 @@ def convert_gpt(state: Mapping[str, np.ndarray], info: GPTInfo) -> dict:
 def ffn_fields(width: int, hidden_dim: int) -> dict[str, Any]:
     """The GPT config fields (``multiple_of``, ``ffn_dim_multiplier``) that give this SwiGLU width:
     none for LlamaGen's default ``find_multiple(int(8 * width / 3), 256)``."""
-    from vqgen.modules.layers import swiglu_hidden_dim  # noqa: PLC0415
-
     if swiglu_hidden_dim(width, 256, None) == hidden_dim:
         return {}
     if swiglu_hidden_dim(width, hidden_dim, None) == hidden_dim:  # int(8w/3) <= hidden: one multiple
@@ -518,8 +516,7 @@ def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
 
 
 def _base_config(gpt: GPTInfo | None, spec: str | None) -> tuple[ml_collections.ConfigDict, str]:
-    from vqgen import config_lib  # noqa: PLC0415  (the configs import the training stack)
-    from vqgen.generators import gpt as gpt_lib  # noqa: PLC0415
+    from vqgen import config_lib  # the configs import the training stack
 
     if spec:
         return config_lib.load_config(spec), spec

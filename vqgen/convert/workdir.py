@@ -244,9 +244,10 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
         if _has_checkpoint(phase.ckpt_dir(workdir)):
             raise ConversionError(f"{phase.ckpt_dir(workdir)} already holds a checkpoint; pass a new --out "
                                   "(converted weights never overwrite a run).")
-    # A generator added to a workdir that holds a tokenizer must fit that tokenizer (as a run checks).
+    # A generator added to a workdir that holds a tokenizer must fit that tokenizer, as a sampling run on
+    # the workdir checks; converting needs no training data, so the training phases' checks are not run.
     try:
-        run.validate(config, workdir, tuple(f"train_{phase.name}" for phase, _ in phases))
+        run.validate(config, workdir, ("sample",) if generator_params is not None else ())
     except IncompatibleCheckpointError as e:
         detail = str(e).partition("(")[2].rpartition(")")[0] or str(e)
         raise ConversionError(f"{workdir} holds a tokenizer that the converted model's config does not describe "
