@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -78,14 +79,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vqgen.convert.workdir import (
-    ConversionError,
-    check_keys,
-    linear_kernel,
-    oihw_to_hwio,
-    read_state_dict,
-    write_workdir,
+from vqgen.convert.conv_blocks import (
+    attn_keys,
+    attn_params,
+    conv_keys,
+    conv_params,
+    count_indices,
+    norm_keys,
+    norm_params,
+    resnet_keys,
+    resnet_params,
 )
+from vqgen.convert.workdir import ConversionError, check_keys, linear_kernel, read_state_dict, write_workdir
 from vqgen.generators import gpt as gpt_lib
 from vqgen.modules.layers import swiglu_hidden_dim
 from vqgen.modules.rope import rope_2d_table
@@ -160,37 +165,6 @@ class GPTInfo:
 # ------------------------------------------------------------------------------ shared helpers
 
 
-def _conv(out: dict, key: str, cout: int, cin: int, k: int) -> None:
-    out[f"{key}.weight"] = (cout, cin, k, k)
-    out[f"{key}.bias"] = (cout,)
-
-
-def _norm(out: dict, key: str, c: int) -> None:
-    out[f"{key}.weight"] = (c,)
-    out[f"{key}.bias"] = (c,)
-
-
-def _resnet(out: dict, key: str, cin: int, cout: int) -> None:
-    _norm(out, f"{key}.norm1", cin)
-    _conv(out, f"{key}.conv1", cout, cin, 3)
-    _norm(out, f"{key}.norm2", cout)
-    _conv(out, f"{key}.conv2", cout, cout, 3)
-    if cin != cout:
-        _conv(out, f"{key}.nin_shortcut", cout, cin, 1)
-
-
-def _attn(out: dict, key: str, c: int) -> None:
-    _norm(out, f"{key}.norm", c)
-    for part in ("q", "k", "v", "proj_out"):
-        _conv(out, f"{key}.{part}", c, c, 1)
-
-
-def _count(state: Mapping, pattern: str) -> int:
-    """Number of distinct integers ``{n}`` in keys matching ``pattern`` (a regex with one group)."""
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := rx.match(k))})
-
-
 def _other_family(state: Mapping) -> str | None:
     """What a state dict that is neither a LlamaGen GPT nor a LlamaGen VQ is, when recognisable."""
     if "class_emb.weight" in state and any(k.startswith("blocks.0.") for k in state):
@@ -222,36 +196,36 @@ def vq_manifest(info: VQInfo) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     ch, mult, nrb = info.ch, info.ch_mult, info.num_res_blocks
     last = len(mult) - 1
-    _conv(out, "encoder.conv_in", ch, info.in_channels, 3)
+    conv_keys(out, "encoder.conv_in", ch, info.in_channels, 3)
     cin = ch
     for i, m in enumerate(mult):
         for j in range(nrb):
-            _resnet(out, f"encoder.conv_blocks.{i}.res.{j}", cin, ch * m)
+            resnet_keys(out, f"encoder.conv_blocks.{i}.res.{j}", cin, ch * m)
             cin = ch * m
             if i == last:
-                _attn(out, f"encoder.conv_blocks.{i}.attn.{j}", cin)
+                attn_keys(out, f"encoder.conv_blocks.{i}.attn.{j}", cin)
         if i != last:
-            _conv(out, f"encoder.conv_blocks.{i}.downsample.conv", cin, cin, 3)
+            conv_keys(out, f"encoder.conv_blocks.{i}.downsample.conv", cin, cin, 3)
     for part in ("encoder", "decoder"):
         top = ch * mult[-1]
-        _resnet(out, f"{part}.mid.0", top, top)
-        _attn(out, f"{part}.mid.1", top)
-        _resnet(out, f"{part}.mid.2", top, top)
-    _norm(out, "encoder.norm_out", cin)
-    _conv(out, "encoder.conv_out", info.z_channels, cin, 3)
-    _conv(out, "decoder.conv_in", cin, info.z_channels, 3)
+        resnet_keys(out, f"{part}.mid.0", top, top)
+        attn_keys(out, f"{part}.mid.1", top)
+        resnet_keys(out, f"{part}.mid.2", top, top)
+    norm_keys(out, "encoder.norm_out", cin)
+    conv_keys(out, "encoder.conv_out", info.z_channels, cin, 3)
+    conv_keys(out, "decoder.conv_in", cin, info.z_channels, 3)
     for k, i in enumerate(reversed(range(len(mult)))):
         for j in range(nrb + 1):
-            _resnet(out, f"decoder.conv_blocks.{k}.res.{j}", cin, ch * mult[i])
+            resnet_keys(out, f"decoder.conv_blocks.{k}.res.{j}", cin, ch * mult[i])
             cin = ch * mult[i]
             if i == last:
-                _attn(out, f"decoder.conv_blocks.{k}.attn.{j}", cin)
+                attn_keys(out, f"decoder.conv_blocks.{k}.attn.{j}", cin)
         if i != 0:
-            _conv(out, f"decoder.conv_blocks.{k}.upsample.conv", cin, cin, 3)
-    _norm(out, "decoder.norm_out", cin)
-    _conv(out, "decoder.conv_out", info.in_channels, cin, 3)
-    _conv(out, "quant_conv", info.embed_dim, info.z_channels, 1)
-    _conv(out, "post_quant_conv", info.z_channels, info.embed_dim, 1)
+            conv_keys(out, f"decoder.conv_blocks.{k}.upsample.conv", cin, cin, 3)
+    norm_keys(out, "decoder.norm_out", cin)
+    conv_keys(out, "decoder.conv_out", info.in_channels, cin, 3)
+    conv_keys(out, "quant_conv", info.embed_dim, info.z_channels, 1)
+    conv_keys(out, "post_quant_conv", info.z_channels, info.embed_dim, 1)
     out["quantize.embedding.weight"] = (info.codebook_size, info.embed_dim)
     return out
 
@@ -271,13 +245,13 @@ def inspect_vq(state: Mapping[str, np.ndarray], name: str = "the VQ file") -> VQ
         raise ConversionError(f"{name} is not a LlamaGen VQ state dict: it lacks {', '.join(missing)} "
                               f"(it has {len(state)} keys such as {', '.join(sorted(state)[:3])}).")
     ch, in_channels = (int(n) for n in state["encoder.conv_in.weight"].shape[:2])
-    levels = _count(state, r"^encoder\.conv_blocks\.(\d+)\.")
+    levels = count_indices(state, r"^encoder\.conv_blocks\.(\d+)\.")
     ch_mult = []
     for i in range(levels):
         key = f"encoder.conv_blocks.{i}.res.0.conv1.weight"
         ch_mult.append(max(int(state[key].shape[0]) // ch, 1) if key in state else 1)
     dec_mult = []
-    for k in range(_count(state, r"^decoder\.conv_blocks\.(\d+)\.")):
+    for k in range(count_indices(state, r"^decoder\.conv_blocks\.(\d+)\.")):
         key = f"decoder.conv_blocks.{k}.res.0.conv1.weight"
         dec_mult.insert(0, max(int(state[key].shape[0]) // ch, 1) if key in state else 1)
     if dec_mult and dec_mult != ch_mult:
@@ -285,7 +259,7 @@ def inspect_vq(state: Mapping[str, np.ndarray], name: str = "the VQ file") -> VQ
                               f"{tuple(ch_mult)}, which vqgen's VQGAN (one ch_mult for both) does not build; pass a "
                               "VQ whose encoder and decoder mirror each other (VQ_8, VQ_16).")
     codebook = state["quantize.embedding.weight"]
-    blocks = _count(state, r"^encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    blocks = count_indices(state, r"^encoder\.conv_blocks\.0\.res\.(\d+)\.")
     info = VQInfo(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=blocks, in_channels=in_channels,
                   z_channels=int(state["encoder.conv_out.weight"].shape[0]), embed_dim=int(codebook.shape[1]) if codebook.ndim == 2 else -1,
                   codebook_size=int(codebook.shape[0]))
@@ -297,21 +271,8 @@ def convert_vq(state: Mapping[str, np.ndarray], info: VQInfo) -> dict:
     """The VQ's weights as the params of the :class:`~vqgen.tokenizers.vqgan.VQGAN` the config builds
     (nested dict of float32 arrays)."""
 
-    def conv(key):
-        return {"kernel": oihw_to_hwio(state[f"{key}.weight"]), "bias": state[f"{key}.bias"]}
-
-    def norm(key):
-        return {"scale": state[f"{key}.weight"], "bias": state[f"{key}.bias"]}
-
-    def resnet(key):
-        out = {"norm1": norm(f"{key}.norm1"), "conv1": conv(f"{key}.conv1"), "norm2": norm(f"{key}.norm2"),
-               "conv2": conv(f"{key}.conv2")}
-        if f"{key}.nin_shortcut.weight" in state:
-            out["nin_shortcut"] = conv(f"{key}.nin_shortcut")
-        return out
-
-    def attn(key):
-        return {"norm": norm(f"{key}.norm"), **{part: conv(f"{key}.{part}") for part in ("q", "k", "v", "proj_out")}}
+    conv, norm = functools.partial(conv_params, state), functools.partial(norm_params, state)
+    resnet, attn = functools.partial(resnet_params, state), functools.partial(attn_params, state)
 
     def mid(part):
         return {"mid_block_1": resnet(f"{part}.mid.0"), "mid_attn_1": attn(f"{part}.mid.1"),
@@ -406,7 +367,7 @@ def inspect_gpt(state: Mapping[str, np.ndarray], name: str = "the GPT file", *, 
     if missing:
         raise ConversionError(f"{name} is not a LlamaGen c2i GPT state dict: it lacks {', '.join(missing)} "
                               f"(it has {len(state)} keys such as {', '.join(sorted(state)[:3])}).")
-    depth = _count(state, r"^layers\.(\d+)\.")
+    depth = count_indices(state, r"^layers\.(\d+)\.")
     vocab, width = (int(n) for n in state["tok_embeddings.weight"].shape)
     grid, rope_hd = None, None
     if "freqs_cis" in state:
