@@ -11,7 +11,11 @@ from FSDP with activation checkpointing) are removed wherever they occur; FSDP's
 ``_flat_param`` shards are refused (they lose the parameter shapes). A caller may allow a few
 inert classes that training scripts pickle beside the weights (``argparse.Namespace``) with
 ``safe_globals``; anything else that ``weights_only=True`` refuses is refused in one sentence,
-and so is a truncated file. Tensors come back as NumPy arrays (floating point as float32).
+and so is a truncated file. A caller that reads training checkpoints of a framework that pickles
+its own objects beside the weights (Lightning's callbacks and hyper-parameters) may ask for
+``opaque_objects``: every class the file names is then rebuilt as an inert :class:`OpaqueObject`
+(no code named by the file runs), and only the state dict, which must hold tensors alone, is
+used. Tensors come back as NumPy arrays (floating point as float32).
 
 Writing (:func:`write_workdir`): ``config.json`` and, for each converted model, a checkpoint of
 its phase exactly as training writes one: the phase is built from the config
@@ -73,13 +77,27 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _torch_load(path: str, safe_globals: Sequence[type] = ()) -> Any:
+class OpaqueObject:
+    """Stands in for an object of a class that a checkpoint names beside its weights: built from
+    nothing the file says (its arguments and state are dropped), so reading it runs no code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        del state
+
+
+def _torch_load(path: str, safe_globals: Sequence[type] = (), opaque_objects: bool = False) -> Any:
     import pickle
 
     import torch  # only a PyTorch file needs torch
 
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
+        allowed = list(safe_globals)
+        if opaque_objects:  # the file's pickle is read, not run, to list the classes it names
+            allowed += [(OpaqueObject, name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # an object weights_only=True does not rebuild
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -110,26 +128,28 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def load_state_dict(path: str, wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",)), *,
-                    safe_globals: Sequence[type] = ()) -> dict[str, np.ndarray]:
+                    safe_globals: Sequence[type] = (), opaque_objects: bool = False) -> dict[str, np.ndarray]:
     """The state dict in ``path`` (``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors``) as NumPy arrays.
 
     ``wrappers`` are key paths tried in order when the file holds a dict of dicts (a training
     checkpoint): the first that leads to a dict of tensors is taken. ``safe_globals`` are classes
     that ``torch.load(weights_only=True)`` may rebuild besides tensors (inert containers such as
-    ``argparse.Namespace``). Raises ``FileNotFoundError`` for a missing file and
+    ``argparse.Namespace``); with ``opaque_objects`` every other class the file names becomes an
+    :class:`OpaqueObject`. Raises ``FileNotFoundError`` for a missing file and
     :class:`ConversionError` for a file that holds no state dict.
     """
-    return read_state_dict(path, wrappers, safe_globals=safe_globals)[0]
+    return read_state_dict(path, wrappers, safe_globals=safe_globals, opaque_objects=opaque_objects)[0]
 
 
 def read_state_dict(path: str, wrappers: Sequence[tuple[str, ...]] = (("state_dict",), ("model",)), *,
-                    safe_globals: Sequence[type] = ()) -> tuple[dict[str, np.ndarray], str]:
+                    safe_globals: Sequence[type] = (), opaque_objects: bool = False
+                    ) -> tuple[dict[str, np.ndarray], str]:
     """:func:`load_state_dict` and where in the file the state dict was found (``"model"``,
     ``"trainer/var_wo_ddp"``, or ``""`` for a file that is the state dict itself)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; pass the path of a .pth or .safetensors weights file.")
-    obj = read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path, safe_globals)
+    obj = read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path, safe_globals, opaque_objects)
     where = ""
     if not _is_tensor_dict(obj):
         found = None
