@@ -37,6 +37,8 @@ QUANTIZERS = {
 TOKENIZERS = {
     "vqgan": ("vqgen.tokenizers.vqgan", "VQGAN", False),
     "magvit": ("vqgen.tokenizers.magvit", "MAGVIT", True),
+    "vit_vqgan": ("vqgen.tokenizers.vit", "ViTVQGAN", False),
+    "titok": ("vqgen.tokenizers.vit", "TiTok", False),
 }
 
 
