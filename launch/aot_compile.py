@@ -92,10 +92,58 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     try:
         desc = topologies.get_topology_desc(platform="tpu", num_slices=num_slices, **kwargs)
     except RuntimeError as e:
+        if "lockfile" in str(e):
+            raise RuntimeError(
+                f"cannot build the TPU topology {topology!r}: another process on this machine holds libtpu; wait for "
+                "it to finish, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it.") from e
         raise RuntimeError(
-            f"cannot build the TPU topology {topology!r} ({e}); install the TPU compiler with "
+            f"cannot build the TPU topology {topology!r} ({str(e).splitlines()[0]}); install the TPU compiler with "
             "pip install 'jax[tpu]' (libtpu) on this machine, or use --topology=cpu:N.") from e
     return list(desc.devices)
+
+
+class DoesNotFit(Exception):
+    """The compiled step needs more device memory than the chip has (XLA's RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, target: str, mesh: dict, needed: float | None, capacity: float | None, detail: str):
+        self.target, self.mesh, self.needed, self.capacity, self.detail = target, mesh, needed, capacity, detail
+        super().__init__(detail)
+
+    def amounts(self) -> str:
+        """``'18.30 GiB per chip but the chip has 15.75 GiB'``, or what the compiler said."""
+        if self.needed is not None and self.capacity is not None:
+            return f"{self.needed / 2**30:.2f} GiB per chip but the chip has {self.capacity / 2**30:.2f} GiB"
+        return f"more memory than the chip has ({self.detail})"
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)\s*([KMGT]?)(?:i?B)?", text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def out_of_memory(error: BaseException) -> tuple[float | None, float | None, str] | None:
+    """``(bytes needed, bytes available, the compiler's sentence)`` when ``error`` is XLA running
+    out of device memory while compiling (RESOURCE_EXHAUSTED), else None."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    first = next((line.strip() for line in text.splitlines() if "memory" in line.lower()), text.splitlines()[0])
+    size = r"([\d.]+\s*[KMGT]?(?:i?B)?)"
+    for pattern in (  # libtpu's two phrasings
+            rf"required for HLO temporaries \({size}\) exceeds available HBM \({size}\)",
+            rf"Used\s+{size}\s+of\s+{size}\s+(?:hbm|HBM)"):
+        m = re.search(pattern, text)
+        if m:
+            return _bytes(m.group(1)), _bytes(m.group(2)), first
+    return None, None, first[:200]
+
+
+def compile_lowered(lowered):
+    """XLA compiles the lowered step for its devices (the TPU compiler in libtpu for TPU devices)."""
+    return lowered.compile()
 
 
 def compile_step(config, target: str, devices: list, mesh_shape=None) -> dict[str, Any]:
@@ -127,7 +175,13 @@ def compile_step(config, target: str, devices: list, mesh_shape=None) -> dict[st
     with parallel.mesh_context(mesh, rules):
         lowered = step.lower(*common.step_args(phase, mesh, state))
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = compile_lowered(lowered)
+    except Exception as e:  # noqa: BLE001 - XLA raises its runtime error class for an out-of-memory program
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        raise DoesNotFit(target, dict(mesh.shape), *oom) from e
     t2 = time.perf_counter()
     report: dict[str, Any] = {
         "target": target, "platform": devices[0].platform, "device_kind": getattr(devices[0], "device_kind", ""),
@@ -148,6 +202,32 @@ def compile_step(config, target: str, devices: list, mesh_shape=None) -> dict[st
     if cost and "flops" in cost:
         report["flops_per_device"] = float(cost["flops"])
     return report
+
+
+FSDP_MESH = (1, -1, 1)  # parameters and optimizer state sharded over every chip
+
+
+def does_not_fit_sentence(error: DoesNotFit, config, target: str, devices: list, mesh_shape, topology: str,
+                          compile_fn=None) -> str:
+    """One sentence for a step that does not fit: the memory it needs against the chip's, the mesh
+    it was compiled for and, when the config's mesh is not already FSDP, whether ``--mesh_shape=1,-1,1``
+    fits (compiled to find out) and its peak."""
+    compile_fn = compile_fn or compile_step
+    mesh = ",".join(f"{k}={v}" for k, v in error.mesh.items())
+    head = f"the {target} train step needs {error.amounts()} on {topology} with the mesh {mesh}"
+    current = tuple(mesh_shape) if mesh_shape else tuple(config.mesh_shape)
+    if error.mesh.get("fsdp", 1) < len(devices) and current != FSDP_MESH:
+        try:
+            report = compile_fn(config, target, devices, list(FSDP_MESH))
+        except DoesNotFit as again:
+            return (f"{head}, and {again.amounts().split(' but ')[0]} with --mesh_shape=1,-1,1; lower the batch "
+                    "(--batch_size) or compile for a larger topology.")
+        peak = report.get("memory_per_device", {}).get("peak_estimate_bytes")
+        fits = f" (peak {peak / 2**30:.2f} GiB)" if peak else ""
+        return (f"{head}; it fits with --mesh_shape=1,-1,1{fits}: pass that here and "
+                "--config.mesh_shape='(1,-1,1)' to the run.")
+    return f"{head}; lower the batch (--batch_size), shard over tensor too (e.g. --mesh_shape=1,-1,2) or use a " \
+           "larger topology."
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -188,7 +268,12 @@ def main(argv: list[str]) -> None:
         for target in targets:
             if batch_flag.value:
                 config[f"{target}_train"].batch_size = batch_flag.value
-            _print_report(compile_step(config, target, devices, mesh_shape))
+            try:
+                _print_report(compile_step(config, target, devices, mesh_shape))
+            except DoesNotFit as e:
+                print(f"error: {does_not_fit_sentence(e, config, target, devices, mesh_shape, topo_flag.value)}",
+                      file=sys.stderr, flush=True)
+                sys.exit(2)
 
     try:
         argv = resolve_argv(argv)

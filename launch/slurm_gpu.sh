@@ -14,6 +14,8 @@
 # --gpus-per-task or a per-task CUDA_VISIBLE_DEVICES (that would hide GPU SLURM_LOCALID).
 # The global batch of the config is split over all GPUs (it must be divisible by their count).
 #
+# `launch/slurm_gpu.sh --help` prints this text.
+#
 # Environment knobs: VQGEN_VENV (a virtualenv to activate on every node; default: none),
 # VQGEN_DIR (the checkout, on a shared filesystem; default: the submit directory),
 # VQGEN_DRY_RUN=1 (print the srun command instead of running it; works outside SLURM too).
@@ -30,6 +32,12 @@
 #   SIGTERM 5 minutes before the time limit: vqgen writes a checkpoint and exits 0; submit the
 #   same command again (or use --dependency=afterany:<jobid>) and it resumes.
 set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # The header above is the usage text: print it without the #SBATCH lines.
+  sed -n '2,/^set -euo pipefail/{/^#SBATCH/d;/^set -euo pipefail/d;s/^# \{0,1\}//;p;}' "$0"
+  exit 0
+fi
 
 if [[ $# -eq 0 ]]; then
   echo "slurm_gpu.sh: no vqgen.main flags given; e.g. sbatch launch/slurm_gpu.sh --config=configs/quickstart.py --workdir=/shared/runs/q" >&2
