@@ -184,9 +184,11 @@ def _clean_key(key: str) -> str:
 
 
 def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *, name: str, kind: str,
-               ignore: Sequence[str] = ()) -> None:
+               ignore: Sequence[str] = (), what: str = "state dict") -> None:
     """Raises :class:`ConversionError` (one sentence) unless ``state`` holds exactly the ``expected``
-    keys with those shapes; keys in ``ignore`` (buffers such as masks or statistics) may be present."""
+    keys with those shapes; keys in ``ignore`` (buffers such as masks or statistics) may be present.
+    ``what`` names the kind of file in the sentence ("state dict", or "checkpoint" for a Flax
+    parameter tree whose keys are ``/``-joined paths)."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected) - set(ignore))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
@@ -199,7 +201,7 @@ def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int
         shown = ", ".join(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})" for k in wrong[:3])
         problems.append(f"wrong shapes {shown}" + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     if problems:
-        raise ConversionError(f"{name} is not a {kind} state dict: {'; '.join(problems)}.")
+        raise ConversionError(f"{name} is not a {kind} {what}: {'; '.join(problems)}.")
 
 
 def _some(keys: Sequence[str], limit: int = 4) -> str:
