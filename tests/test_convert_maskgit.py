@@ -121,9 +121,7 @@ def written(files, one_device, tmp_path_factory) -> tuple[Path, convert_maskgit.
     assert convert_maskgit.describe(conv, str(out)) == [
         f"wrote {out}: tokenizer (MaskGIT VQGAN f16 with 64 codes of width 16, 32 filters) and generator (MaskGIT "
         "transformer (2 layers, width 64): 4 heads, 64 codes, 10 classes) for 64px images (4x4 tokens), config "
-        "generators/maskgit:paper with the sizes of the files",
-        "note: MaskGIT's tokenizer reads and writes images in [0, 1], not vqgen's [-1, 1]; encode (x + 1) / 2 and "
-        "read a decoded y as 2 y - 1 (see vqgen/convert/maskgit.py)"]
+        "generators/maskgit:paper with the sizes of the files"]
     return out, conv
 
 
@@ -164,7 +162,8 @@ def test_inferred_sizes_and_config(converted):
 @pytest.mark.parametrize("name,suffix", [("tok", ""), ("tok_b", "_b")])
 def test_tokens_and_reconstruction_match_official(flats, fx, name, suffix):
     """Tokens (``encode_to_indices``), quantized latents, their decoding and ``decode_from_indices``
-    of other codes; images in [0, 1] as the released tokenizer takes them."""
+    of other codes. The official tokenizer reads and writes [0, 1]; the converted one (pixel_range
+    "unit") reads vqgen's [-1, 1] images and returns [-1, 1]."""
     image = fx[f"image{suffix}"]
     conv = convert_maskgit.convert(flats[name], None, image_size=image.shape[1], dtype="float32")
     model, params = _tokenizer(conv.config, conv.tokenizer_params)
@@ -175,8 +174,9 @@ def test_tokens_and_reconstruction_match_official(flats, fx, name, suffix):
         return {"tokens": q.indices, "quant": q.quantized, "recon": recon,
                 "decoded": model.apply({"params": p}, codes, method="decode_indices")}
 
-    out = jax.tree.map(np.asarray, run(params, jnp.asarray(image), jnp.asarray(fx[f"codes{suffix}"])))
+    out = jax.tree.map(np.asarray, run(params, jnp.asarray(image) * 2.0 - 1.0, jnp.asarray(fx[f"codes{suffix}"])))
     np.testing.assert_array_equal(out["tokens"], fx[f"{name}_tokens"])
+    out["recon"], out["decoded"] = (out["recon"] + 1.0) / 2.0, (out["decoded"] + 1.0) / 2.0
     for key in ("quant", "recon", "decoded"):
         np.testing.assert_allclose(out[key], fx[f"{name}_{key}"], atol=ATOL, rtol=0, err_msg=key)
 
@@ -235,7 +235,7 @@ def test_workdir_reproduces_the_official_models(written, fx, one_device):
     with config.unlocked():
         config.tokenizer_train.batch_size = 8  # encoding batch only; not part of the architecture
     tok = vqgen.load_tokenizer(str(workdir), mesh=one_device, config=config)
-    np.testing.assert_array_equal(tok.encode(fx["image"]), fx["tok_tokens"])  # floats in [0, 1] pass as they are
+    np.testing.assert_array_equal(tok.encode(fx["image"] * 2.0 - 1.0), fx["tok_tokens"])  # vqgen's [-1, 1] images
     assert _same_tree(tok._frozen.params, conv.tokenizer_params)
 
     gen = vqgen.load_generator(str(workdir), mesh=one_device, config=config)

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(
         arch="vqgan", ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(),
         resolution=256, z_channels=256, embed_dim=256, dropout=0.0, style="maskgit",
-        use_quant_conv=False, norm_groups=32, dtype="float32",
+        use_quant_conv=False, pixel_range="unit", norm_groups=32, dtype="float32",
         quantizer=ml_collections.ConfigDict(dict(
             type="vq", codebook_size=1024, beta=0.25, entropy_loss_weight=0.1, entropy_temperature=0.01)),
     ))

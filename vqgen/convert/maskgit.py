@@ -74,10 +74,10 @@ Transformer (``nets/maskgit_transformer.py`` ``Transformer`` ->
 
 Pixel range: MaskGIT's tokenizer reads and writes images in [0, 1] (its demo divides uint8 images
 by 255 and clips the decoded ones to [0, 1]), not in vqgen's [-1, 1]. The weights are converted as
-released, so the converted tokenizer is that function exactly: encode ``(x + 1) / 2`` of vqgen
-images, and read a decoded image ``y`` as ``2 y - 1``. (The output side could be folded into
-``conv_out``, but the input side cannot: the first conv zero-pads, so a shifted input differs at the
-borders.)
+released and the config sets ``tokenizer.pixel_range="unit"``: the VQGAN feeds its network
+``(x + 1) / 2`` of vqgen's images and returns ``2 y - 1`` of its output, so the converted
+tokenizer maps [-1, 1] images like every other vqgen tokenizer. (Folding the shift into the
+weights is not exact: the first conv zero-pads, so a shifted input differs at the borders.)
 """
 from __future__ import annotations
 
@@ -542,7 +542,7 @@ def make_config(tok: TokenizerInfo | None, tr: TransformerInfo | None, image_siz
     if tok is not None:
         _set(section, ch=tok.filters, ch_mult=tok.ch_mult, num_res_blocks=tok.num_res_blocks,
              z_channels=tok.embedding_dim, embed_dim=tok.embedding_dim, attn_resolutions=(), use_quant_conv=False,
-             norm_groups=32)
+             norm_groups=32, pixel_range="unit")
         _set(section.quantizer, codebook_size=tok.codebook_size)
         if "l2_normalize" in section.quantizer:
             _set(section.quantizer, l2_normalize=False)
@@ -652,8 +652,7 @@ def main(argv: Sequence[str] | None = None) -> Converted:
 
 
 def describe(converted: Converted, out: str) -> list[str]:
-    """The lines the command prints after writing ``out``: what was converted, and a note on the
-    tokenizer's pixel range when there is one."""
+    """The lines the command prints after writing ``out``: what was converted."""
     parts = []
     if converted.tokenizer is not None:
         t = converted.tokenizer
@@ -666,9 +665,6 @@ def describe(converted: Converted, out: str) -> list[str]:
     grid = cfg.data.image_size // 2 ** (len(cfg.tokenizer.ch_mult) - 1)
     lines = [f"wrote {out}: {' and '.join(parts)} for {cfg.data.image_size}px images ({grid}x{grid} tokens), "
              f"config {converted.config_name} with the sizes of the files"]
-    if converted.tokenizer is not None:
-        lines.append("note: MaskGIT's tokenizer reads and writes images in [0, 1], not vqgen's [-1, 1]; encode "
-                     "(x + 1) / 2 and read a decoded y as 2 y - 1 (see vqgen/convert/maskgit.py)")
     return lines
 
 

@@ -207,6 +207,10 @@ class VQGAN(nn.Module):
       use_quant_conv: whether ``quant_conv``/``post_quant_conv`` exist; without them
         ``embed_dim`` must equal ``z_channels``.
       quant_conv_kernel: their kernel size, 1 (taming, LlamaGen) or 3 (VAR's VQ-VAE, "same" padding).
+      pixel_range: the image range the network itself reads and writes: ``"symmetric"`` [-1, 1]
+        (vqgen's images), or ``"unit"`` [0, 1] (MaskGIT's released tokenizer): then ``encode``
+        feeds it ``(x + 1) / 2`` and ``decode`` returns ``2 y - 1``, so the module still maps
+        vqgen's [-1, 1] images.
       norm_groups: GroupNorm groups (32 in every official model).
       dtype, param_dtype: compute and storage dtypes, passed to every layer.
     """
@@ -225,12 +229,15 @@ class VQGAN(nn.Module):
     style: str = "taming"
     use_quant_conv: bool = True
     quant_conv_kernel: int = 1
+    pixel_range: str = "symmetric"
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         _style(self.style)
+        if self.pixel_range not in ("symmetric", "unit"):
+            raise ValueError(f"pixel_range={self.pixel_range!r} is unknown; use 'symmetric' ([-1, 1]) or 'unit' ([0, 1]).")
         if not self.ch_mult:
             raise ValueError("ch_mult is empty; give at least one channel multiplier, e.g. (1, 2, 2).")
         for mult in self.ch_mult:
@@ -271,6 +278,8 @@ class VQGAN(nn.Module):
     def encode(self, x: jax.Array, train: bool = False) -> QuantizerOutput:
         """Images ``[B, H, W, C]`` -> :class:`QuantizerOutput` on ``[B, H/f, W/f, embed_dim]``."""
         self._check_input(x)
+        if self.pixel_range == "unit":
+            x = (x + 1.0) * 0.5  # [-1, 1] -> [0, 1], the range the network was trained on
         h = self.encoder(x, train)  # [B, h, w, z_channels]
         if self.use_quant_conv:
             h = self.quant_conv(h)  # [B, h, w, embed_dim]
@@ -281,7 +290,8 @@ class VQGAN(nn.Module):
         h = quantized.astype(self.dtype)
         if self.use_quant_conv:
             h = self.post_quant_conv(h)  # [B, h, w, z_channels]
-        return self.decoder(h, train)
+        y = self.decoder(h, train)
+        return y * 2.0 - 1.0 if self.pixel_range == "unit" else y
 
     def decode_indices(self, indices: Any) -> jax.Array:
         """Code ids (``[B, h, w]`` for a flat codebook) -> images, through ``quantizer.decode_indices``."""
@@ -313,8 +323,10 @@ def count_params(module: nn.Module, image_size: int, channels: int) -> int:
 VARIANTS: dict[str, dict[str, Any]] = {
     # MaskGIT ImageNet VQGAN (vqgan_config.py: filters 128, multipliers (1,1,2,2,4), 2 res blocks,
     # embedding_dim 256, 1024 codes, GroupNorm, swish, avg-pool downsampling): 256px -> 16x16.
+    # Its released weights read and write images in [0, 1] (pixel_range="unit").
     "maskgit": dict(in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(),
-                    resolution=256, z_channels=256, embed_dim=256, style="maskgit", use_quant_conv=False),
+                    resolution=256, z_channels=256, embed_dim=256, style="maskgit", use_quant_conv=False,
+                    pixel_range="unit"),
     # LlamaGen VQ-16 (ModelArgs + Encoder/Decoder defaults): attention only at the lowest level
     # (16x16 for 256px) and in the mid stage; 16384 codes of dim 8, l2-normalised.
     "llamagen_vq16": dict(in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
