@@ -31,9 +31,14 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
+        # gs:// workdirs and data (Orbax writes arrays itself; everything else goes through etils.epath)
+        "gcs": ["gcsfs>=2024.2"],
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
+            # the gs:// workdir test: gcsfs and an in-memory Cloud Storage server on the loopback interface
+            "gcsfs>=2024.2",
+            "gcp-storage-emulator>=2024.8",
             # CPU wheel, used only by the reference checks against PyTorch implementations.
             "torch==2.13.0",
         ],

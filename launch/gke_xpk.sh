@@ -86,7 +86,7 @@ if [[ -n "$IMAGE" ]]; then
   command="env $envs $main"
 else
   # xpk copies this checkout into the image's working directory; install it with TPU JAX.
-  command="python3 -m pip install --quiet -e . 'jax[tpu]' && env $envs $main"
+  command="python3 -m pip install --quiet -e '.[gcs]' 'jax[tpu]' && env $envs $main"
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -113,7 +113,7 @@ if [[ $SETUP -eq 1 ]]; then
   setup="set -e; if [ -d $RDIR/.git ]; then git -C $RDIR fetch --quiet origin $(printf '%q' "$REF") && git -C $RDIR checkout --quiet FETCH_HEAD; "
   setup+="else git clone --quiet --branch $(printf '%q' "$REF") $(printf '%q' "$REPO") $RDIR; fi; "
   setup+="$(printf '%q' "$PYTHON") -m pip install --quiet --upgrade pip && "
-  setup+="$(printf '%q' "$PYTHON") -m pip install --quiet -e $RDIR 'jax[tpu]'"
+  setup+="$(printf '%q' "$PYTHON") -m pip install --quiet -e $RDIR'[gcs]' 'jax[tpu]'"
   run_on_all_workers "$setup"
 fi
 

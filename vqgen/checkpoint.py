@@ -21,10 +21,24 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in a workdir was written by a different model configuration."""
+
+
+_READ_ERROR_WORDS = ("error reading", "error opening", "unexpected end", "corrupt", "checksum", "not found",
+                     "no such file", "failed to decode", "invalid", "truncated", "data_loss", "out_of_range")
+
+
+def _is_read_error(error: Exception) -> bool:
+    """Whether a restore error reads like unreadable files (TensorStore's I/O and decode errors)
+    rather than a tree or shape that does not match."""
+    if isinstance(error, (json.JSONDecodeError, OSError)):
+        return True
+    text = str(error).lower()
+    return any(w in text for w in _READ_ERROR_WORDS)
 
 
 def _abstract(tree: Any) -> Any:
@@ -71,6 +85,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self.manager.all_steps())
+
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        """Whether :meth:`save` at ``step`` would write (the interval, or ``force``; never twice)."""
+        if self.manager.latest_step() == int(step):
+            return False
+        return bool(force) or bool(self.manager.should_save(int(step)))
+
     def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False,
              extra_meta: dict | None = None) -> bool:
         """Saves at ``step`` when the interval says so (or ``force``); returns whether it did."""
@@ -86,9 +109,19 @@ class Checkpointer:
         return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def read_meta(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"])
+        """The meta item of ``step``; without one, of the latest step whose meta can be read."""
+        if step is not None:
+            out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(out["meta"])
+        error: Exception | None = None
+        for candidate in reversed(self.all_steps()):
+            try:
+                return self.read_meta(candidate)
+            except (ValueError, KeyError, OSError) as e:  # a truncated meta file: the step before decides
+                error = error or e
+        if error is not None:
+            raise error
+        raise FileNotFoundError(f"no checkpoint in {self.directory}.")
 
     def check_compatible(self, step: int | None = None) -> None:
         meta = self.read_meta(step)
@@ -108,12 +141,58 @@ class Checkpointer:
         """Restores into ``abstract_state`` (arrays or ``ShapeDtypeStruct``s with shardings).
 
         The grain iterator, when given, is set to its saved position in place; a checkpoint saved
-        without one (a converted model's, ``vqgen.convert``) leaves it at its start.
+        without one (a converted model's, ``vqgen.convert``) leaves it at its start. Without an
+        explicit ``step`` the latest one is restored; when it cannot be read (a file truncated or
+        lost after it was finalised) but the step before it can, that one is restored and the
+        broken step is moved aside as ``<step>.unreadable`` (nothing is deleted).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            return self._restore(int(step), abstract_state, data_iterator)
+        steps = self.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory} to restore; train first.")
-        self.check_compatible(step)
+        try:
+            return self._restore(steps[-1], abstract_state, data_iterator)
+        except IncompatibleCheckpointError:
+            raise
+        except (ValueError, OSError) as e:  # unreadable: truncated, missing or garbled files
+            if len(steps) < 2:
+                raise ValueError(f"checkpoint step {steps[-1]} in {self.directory} cannot be read "
+                                 f"({str(e).splitlines()[0][:200]}) and there is no earlier one; use a new "
+                                 "--workdir.") from e
+            latest_error = e
+        try:
+            state = self._restore(steps[-2], abstract_state, data_iterator)
+        except Exception:  # noqa: BLE001 - the earlier step fails too: not a broken file, report the first error
+            raise latest_error from None
+        aside = self.set_aside(steps[-1])
+        logging.warning("checkpoint step %d in %s could not be read (%s); restored step %d instead and moved the "
+                        "unreadable one to %s.", steps[-1], self.directory,
+                        str(latest_error).splitlines()[0][:200], steps[-2], aside)
+        if jax.process_index() == 0:
+            print(f"checkpoint step {steps[-1]} in {self.directory} could not be read; resuming from step "
+                  f"{steps[-2]} (the unreadable step is kept as {aside})", flush=True)
+        return state
+
+    def set_aside(self, step: int) -> str:
+        """Renames step folder ``step`` to ``<step>.unreadable[.N]`` (ignored by the manager)."""
+        src = epath.Path(self.directory) / str(int(step))
+        dst = src.parent / f"{int(step)}.unreadable"
+        n = 0
+        while dst.exists():
+            n += 1
+            dst = src.parent / f"{int(step)}.unreadable.{n}"
+        src.rename(dst)
+        self.manager.reload()
+        return str(dst)
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        try:
+            self.check_compatible(step)
+        except IncompatibleCheckpointError:
+            raise
+        except (ValueError, KeyError, OSError) as e:  # the meta file itself is unreadable
+            raise ValueError(f"the meta data of checkpoint step {step} in {self.directory} cannot be read ({e})") from e
         items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
         if data_iterator is not None:
             if "data" in self.manager.item_metadata(step):
@@ -123,7 +202,16 @@ class Checkpointer:
                                 "beginning.", step, self.directory)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:  # structure or shape mismatch
+        except (KeyError, TypeError) as e:  # structure mismatch, or an item missing from a broken step
+            if _is_read_error(e):
+                raise ValueError(f"checkpoint step {step} in {self.directory} is incomplete ({e})") from e
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} does not match this model's "
+                f"train state ({str(e).splitlines()[0][:200]}); use a new --workdir."
+            ) from e
+        except ValueError as e:
+            if _is_read_error(e):
+                raise
             raise IncompatibleCheckpointError(
                 f"the checkpoint at step {step} in {self.directory} does not match this model's "
                 f"train state ({str(e).splitlines()[0][:200]}); use a new --workdir."

@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = False                          # call jax.distributed.initialize() (pods)
     c.data = ml_collections.ConfigDict(dict(
         source="mnist", image_size=32, channels=1, data_dir="", random_crop=False,
-        random_flip=False, eval_examples=500, num_classes=10))
+        random_flip=False, eval_examples=500, num_classes=10,
+        resize="center_crop"))                     # folder images of other sizes: or "refuse"
     return c
 
 

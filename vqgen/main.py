@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from vqgen import config_lib, parallel
 from vqgen.checkpoint import IncompatibleCheckpointError
+from vqgen.train import common
 from vqgen.train import run as run_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config name or file (name_or_path[:variant]).",
@@ -31,7 +32,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (multi-host); also VQGEN_DISTRIBUTED=1.")
 
 # Errors that are the user's to fix: shown as one sentence unless --verbosity >= 1.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IncompatibleCheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IncompatibleCheckpointError,
+               common.NonFiniteLoss)
 
 
 def _verbose() -> bool:

@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``make_source(name, split, *, image_size, data_dir=None, num_frames=16, seed=0)``
+``make_source(name, split, *, image_size, data_dir=None, num_frames=16, seed=0, resize='center_crop')``
     A grain random-access source (``__len__``, ``__getitem__``, stable ``__repr__``,
     ``num_classes``) of records ``{'image': uint8 [H, W, C] (video [T, H, W, C]), 'label': int32}``:
 
@@ -20,9 +20,10 @@ Public API
       ``validation``. An unprepared dataset raises ``FileNotFoundError`` saying to run
       ``tfds build <name> --file_format=array_record --data_dir=DIR``.
     * ``folder:<path>`` — images with class = sorted sub-folder name (images loose in the folder
-      are class 0 when there are no sub-folders); ``<path>/<split>`` is used when it exists; RGB,
-      shorter side resized, center-cropped. Missing folder: ``FileNotFoundError``; no images:
-      ``ValueError``; unreadable files are skipped, counted (``source.num_skipped``) and logged once.
+      are class 0 when there are no sub-folders); ``<path>/<split>`` is used when it exists; local or
+      remote (``gs://``); RGB, shorter side resized, center-cropped (``resize='refuse'``: images of
+      another size are refused). Missing folder: ``FileNotFoundError``; no images: ``ValueError``;
+      unreadable files are skipped, counted (``source.num_skipped``) and logged once.
 
 ``make_pipeline(source, *, global_batch_size, seed, train, random_crop=False, random_flip=False,
 drop_remainder=True, process_index=None, process_count=None, num_epochs=None, num_threads=2,
@@ -43,6 +44,10 @@ prefetch_buffer_size=8, worker_count=0)``
     With ``train=False, drop_remainder=False`` and several processes, hosts may get different
     numbers of examples (slices of a split whose size is not a multiple of the process count).
 
+``check_source(source, *, source_name, num_classes, channels, image_size, num_frames=None, first=8)``
+    One sentence naming the ``data.*`` key when the source does not give what the config describes
+    (more classes than ``num_classes``, labels out of range, channels, image size, frames).
+
 ``eval_arrays(source, max_examples=None)``
     ``{'image': float32 [-1, 1] [N, ...], 'label': int32 [N]}`` of the first N records.
 
@@ -58,6 +63,7 @@ The handler writes ``process_<i>-of-<n>.json`` per process (index from ``jax.pro
 and restores the state in place into the iterator you pass (a fresh ``make_pipeline`` iterator
 built with the same arguments).
 """
+from vqgen.data.checks import check_source
 from vqgen.data.embedded import load_mnist
 from vqgen.data.pipeline import Augment, ToFloat, eval_arrays, make_pipeline, to_float
 from vqgen.data.sources import (
@@ -71,6 +77,7 @@ from vqgen.data.sources import (
 
 __all__ = [
     "Augment",
+    "check_source",
     "FolderSource",
     "MnistSource",
     "MovingMnistSource",

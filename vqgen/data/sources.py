@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
+from vqgen import fileio
 from vqgen.data import embedded
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -293,6 +293,32 @@ class MovingMnistSource:
 # ---------------------------------------------------------------------------------------------
 # tfds:<name>
 # ---------------------------------------------------------------------------------------------
+def _tfds_open_error(name: str, split: str, data_dir: str | None, error: Exception) -> Exception:
+    """The real reason ``tfds.data_source`` could not open ``name``, as one sentence: a data dir that
+    cannot be reached or does not exist, a dataset not prepared in it, or (a remote data dir holding
+    the dataset) an ArrayRecord reader that opens local files only."""
+    cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}" if str(error).strip() else \
+        type(error).__name__
+    if data_dir and fileio.is_remote(data_dir):
+        fileio.check_access(data_dir, "data.data_dir")
+        if not fileio.exists(data_dir):
+            return FileNotFoundError(f"data.data_dir={data_dir} does not exist; pass the TFDS data dir that holds "
+                                     f"{name}/ (prepared with `tfds build {name} --file_format=array_record`).")
+        if not fileio.exists(fileio.join(data_dir, name.split("/")[0].split(":")[0])):
+            return FileNotFoundError(f"data.data_dir={data_dir} has no {name.split(':')[0]}/ folder; prepare it with "
+                                     f"`tfds build {name} --file_format=array_record --data_dir=DIR` and copy DIR there.")
+        return OSError(f"TFDS found {name} in data.data_dir={data_dir} but could not open split {split!r} ({cause}); "
+                       "the ArrayRecord reader opens local files only: mount the bucket (gcsfuse) and pass the "
+                       "mounted path as --config.data.data_dir.")
+    where = data_dir if data_dir is not None else "the default TFDS data dir"
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(data_dir)):
+        return FileNotFoundError(f"data.data_dir={data_dir} does not exist; pass the TFDS data dir that holds "
+                                 f"{name}/ (prepared with `tfds build {name} --file_format=array_record`).")
+    return FileNotFoundError(
+        f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord in {where} ({cause}); prepare "
+        f"it with `tfds build {name} --file_format=array_record --data_dir=DIR` and pass --config.data.data_dir=DIR.")
+
+
 class TfdsSource:
     """Any TFDS dataset prepared as ArrayRecord, read with ``tfds.data_source`` (no TensorFlow).
 
@@ -324,12 +350,7 @@ class TfdsSource:
                 except Exception:  # noqa: BLE001
                     fallback = None
             if fallback is None:
-                where = data_dir if data_dir is not None else "the default TFDS data dir"
-                raise FileNotFoundError(
-                    f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord in {where} "
-                    f"({type(e).__name__}); prepare it with `tfds build {name} --file_format=array_record "
-                    f"--data_dir=DIR` and pass --config.data.data_dir=DIR."
-                ) from e
+                raise _tfds_open_error(name, split, data_dir, e) from e
             logging.info("TFDS dataset %r has no 'test' split; using 'validation' instead.", name)
             self._source, self.split = fallback, "validation"
         self.num_classes = None
@@ -363,29 +384,37 @@ class TfdsSource:
 # ---------------------------------------------------------------------------------------------
 # folder:<path>
 # ---------------------------------------------------------------------------------------------
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def _is_image_file(path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def _images_under(folder: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames))
-    return [f for f in files if _is_image_file(f)]
+def _images_under(folder) -> list:
+    """Image files under ``folder`` (an epath: local or remote), depth first, sorted by name."""
+    files, dirs = [], []
+    for child in sorted(folder.iterdir(), key=lambda c: c.name):
+        if child.name.startswith("."):
+            continue
+        (dirs if child.is_dir() else files).append(child)
+    out = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    for d in dirs:
+        out.extend(_images_under(d))
+    return out
 
 
-def _readable(path: Path) -> bool:
+def _image_size(path) -> tuple[int, int] | None:
+    """``(width, height)`` from the file's header, or None when PIL cannot parse it."""
     try:
-        with Image.open(path) as im:  # parses the header only
-            im.size  # noqa: B018
-        return True
+        with path.open("rb") as f, Image.open(f) as im:  # parses the header only
+            return tuple(im.size)
     except Exception:  # noqa: BLE001 - PIL raises many types for bad files
-        return False
+        return None
+
+
+RESIZE_MODES = ("center_crop", "refuse")
 
 
 class FolderSource:
-    """A folder of images, class = sub-folder.
+    """A folder of images (local or remote: ``gs://...``), class = sub-folder.
 
     If ``<path>/<split>`` is a folder it is used, else ``<path>`` itself serves every split (then
     held-out metrics are computed on training images; this is logged). Class ids are the sorted
@@ -393,16 +422,22 @@ class FolderSource:
     no such sub-folders, the images directly in the folder are class 0. Files with an image
     extension whose header PIL cannot parse are skipped, counted (``num_skipped``) and logged once;
     an image that fails later, while decoding, is replaced by the next readable one and logged.
-    Images are converted to RGB, the shorter side resized to ``image_size`` (antialiased bicubic)
-    and center-cropped.
+    Images are converted to RGB. ``resize='center_crop'`` (the default) resizes the shorter side
+    to ``image_size`` (antialiased bicubic) and center-crops, so images of any sizes mix (their
+    sizes are logged once); ``resize='refuse'`` accepts only ``image_size x image_size`` images and
+    names the first that is not.
     """
 
-    def __init__(self, path: str, split: str = "train", image_size: int = 32):
+    def __init__(self, path: str, split: str = "train", image_size: int = 32, resize: str = "center_crop"):
         _check_split(split)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize={resize!r} is unknown; use one of {RESIZE_MODES}.")
         self.path = str(path)
         self.split = split
         self.image_size = _check_image_size(image_size)
-        root = Path(path).expanduser()
+        self.resize = resize
+        root = fileio.path(path)
+        fileio.check_access(self.path, "data.source=folder")
         if not root.is_dir():
             raise FileNotFoundError(
                 f"image folder {self.path!r} does not exist (or is not a folder); pass an existing folder "
@@ -415,10 +450,11 @@ class FolderSource:
                 "Image folder %s has no %r sub-folder; using all its images for the %r split.", root, split, split
             )
         self.root = str(root)
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        children = sorted(root.iterdir(), key=lambda c: c.name)
+        class_dirs = [d for d in children if not d.name.startswith(".") and d.is_dir()]
         per_class = [(d.name, _images_under(d)) for d in class_dirs]
         per_class = [(name, files) for name, files in per_class if files]
-        loose = sorted(f for f in root.iterdir() if _is_image_file(f))
+        loose = [f for f in children if _is_image_file(f)]
         if per_class:
             if loose:
                 logging.warning(
@@ -436,9 +472,14 @@ class FolderSource:
                 f"image folder {self.root!r} contains no image files ({', '.join(IMAGE_EXTENSIONS)}); "
                 f"put images in it or in one sub-folder per class."
             )
-        readable, unreadable = [], []
+        readable, unreadable, sizes = [], [], {}
         for f, c in candidates:
-            (readable if _readable(f) else unreadable).append((f, c))
+            size = _image_size(f)
+            if size is None:
+                unreadable.append((f, c))
+            else:
+                readable.append((f, c))
+                sizes.setdefault(size, f)
         self.num_skipped = len(unreadable)
         if unreadable:
             logging.warning(
@@ -449,6 +490,19 @@ class FolderSource:
                 f"image folder {self.root!r} contains no readable images ({self.num_skipped} unreadable files); "
                 f"replace the corrupt files."
             )
+        self.image_sizes = tuple(sorted(sizes))  # distinct (width, height)
+        wrong = [(wh, f) for wh, f in sorted(sizes.items()) if wh != (self.image_size, self.image_size)]
+        if wrong and resize == "refuse":
+            (w, h), example = wrong[0]
+            raise ValueError(
+                f"image folder {self.root!r} has images of {len(sizes)} size(s), e.g. {example.name} is {w}x{h}, and "
+                f"data.resize='refuse' accepts only {self.image_size}x{self.image_size}; resize the images or pass "
+                "--config.data.resize=center_crop."
+            )
+        if len(sizes) > 1:
+            logging.warning("Image folder %s has images of %d sizes (e.g. %s); each is resized and center-cropped to "
+                            "%dx%d (data.resize='center_crop').", root, len(sizes),
+                            ", ".join(f"{w}x{h}" for w, h in list(sizes)[:3]), self.image_size, self.image_size)
         self._files = tuple(str(f) for f, _ in readable)
         self._labels = np.asarray([c for _, c in readable], np.int32)  # [N]
         self.num_classes = len(self.class_names)
@@ -458,7 +512,7 @@ class FolderSource:
         return len(self._files)
 
     def _load(self, index: int) -> np.ndarray:
-        with Image.open(self._files[index]) as im:
+        with fileio.path(self._files[index]).open("rb") as f, Image.open(f) as im:
             return resize_center_crop(np.asarray(im.convert("RGB")), self.image_size)  # [S, S, 3]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -499,6 +553,7 @@ def make_source(
     data_dir: str | None = None,
     num_frames: int = 16,
     seed: int = 0,
+    resize: str = "center_crop",
 ):
     """Builds the random-access source named ``name`` for ``split`` (see the module docstring).
 
@@ -509,6 +564,8 @@ def make_source(
       data_dir: TFDS data dir for ``tfds:`` (``None``: TFDS's default); ignored otherwise.
       num_frames: frames per video for ``moving_mnist``; ignored otherwise.
       seed: fixes the content of the synthetic sources (``skimage`` crops, ``moving_mnist`` motion).
+      resize: ``folder:`` images of another size than ``image_size``: ``'center_crop'`` (resize the
+        shorter side, crop the center) or ``'refuse'`` (a one-sentence error naming one).
     """
     if name == "mnist":
         return MnistSource(split, image_size=image_size)
@@ -519,5 +576,5 @@ def make_source(
     if name.startswith("tfds:") and name[len("tfds:"):]:
         return TfdsSource(name[len("tfds:"):], split, image_size=image_size, data_dir=data_dir)
     if name.startswith("folder:") and name[len("folder:"):]:
-        return FolderSource(name[len("folder:"):], split, image_size=image_size)
+        return FolderSource(name[len("folder:"):], split, image_size=image_size, resize=resize)
     raise ValueError(f"unknown data source {name!r}; use one of {', '.join(SOURCE_NAMES)}.")

@@ -6,23 +6,23 @@ int32 ``[N]``, the token ``grid`` and the tokenizer step it was made from.
 """
 from __future__ import annotations
 
-import os
-
 import grain
 import numpy as np
 
+from vqgen import fileio
+
 
 class TokenSource:
-    """Random-access source over a token cache: records ``{'tokens': [V, L], 'label': int32}``."""
+    """Random-access source over a token cache (local or remote): records ``{'tokens': [V, L], 'label': int32}``."""
 
     def __init__(self, path: str):
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             raise FileNotFoundError(f"token cache {path} does not exist; run --mode=train_generator to build it.")
-        with np.load(path) as f:
-            self.tokens = f["tokens"].astype(np.int32)
-            self.labels = f["labels"].astype(np.int32)
-            self.grid = tuple(int(g) for g in f["grid"])
-        self.path = path
+        f = fileio.load_npz(path)
+        self.tokens = f["tokens"].astype(np.int32)
+        self.labels = f["labels"].astype(np.int32)
+        self.grid = tuple(int(g) for g in f["grid"])
+        self.path = str(path)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,18 +44,19 @@ class PickView(grain.transforms.RandomMap):
 
 
 def write_token_cache(path: str, tokens: np.ndarray, labels: np.ndarray, grid, tokenizer_step: int) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, tokens=np.asarray(tokens, np.int32), labels=np.asarray(labels, np.int32),
-             grid=np.asarray(grid, np.int32), tokenizer_step=np.int64(tokenizer_step))
-    os.replace(tmp, path)
+    """Writes the cache atomically (local or remote): a reader sees the old file or the new one."""
+    fileio.save_npz(path, tokens=np.asarray(tokens, np.int32), labels=np.asarray(labels, np.int32),
+                    grid=np.asarray(grid, np.int32), tokenizer_step=np.int64(tokenizer_step))
 
 
 def cache_tokenizer_step(path: str) -> int | None:
-    if not os.path.exists(path):
+    """The tokenizer step the cache at ``path`` was made from; None when there is none or it is unreadable."""
+    if not fileio.exists(path):
         return None
-    with np.load(path) as f:
-        return int(f["tokenizer_step"])
+    try:
+        return int(fileio.load_npz(path)["tokenizer_step"])
+    except (OSError, ValueError, KeyError):  # a cache cut short is rebuilt
+        return None
 
 
 def make_token_pipeline(source: TokenSource, *, global_batch_size: int, seed: int,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from vqgen import fileio
 from vqgen.data import embedded
 from vqgen.evaluation import metrics
 
@@ -176,26 +176,28 @@ def train_judge(seed: int = 0, epochs: int = _EPOCHS) -> Judge:
 
 
 def _cache_path(cache_dir: str, seed: int) -> str:
-    return os.path.join(cache_dir, f"digit_judge_seed{seed}.npz")
+    return fileio.join(cache_dir, f"digit_judge_seed{seed}.npz")
 
 
 def load_or_train_judge(cache_dir: str, seed: int = 0) -> Judge:
-    """The digit judge, loaded from ``cache_dir`` or trained (and cached there) if absent/stale.
+    """The digit judge, loaded from ``cache_dir`` (local or remote) or trained (and cached there,
+    atomically) if absent, stale or unreadable.
 
     Its held-out accuracy on the embedded test digits is in ``Judge.accuracy``.
     """
     path = _cache_path(cache_dir, seed)
-    if os.path.exists(path):
-        with np.load(path) as z:
-            if int(z.get("__version__", -1)) == _VERSION:
-                flat = {k: np.asarray(z[k]) for k in z.files if not k.startswith("__")}
-                return Judge(params=traverse_util.unflatten_dict(flat, sep="/"), accuracy=float(z["__accuracy__"]))
+    if fileio.exists(path):
+        try:
+            z = fileio.load_npz(path)
+        except (OSError, ValueError):  # cut short: trained again below
+            z = {}
+        if int(z.get("__version__", -1)) == _VERSION:
+            flat = {k: np.asarray(v) for k, v in z.items() if not k.startswith("__")}
+            return Judge(params=traverse_util.unflatten_dict(flat, sep="/"), accuracy=float(z["__accuracy__"]))
     judge = train_judge(seed)
-    os.makedirs(cache_dir, exist_ok=True)
     flat = traverse_util.flatten_dict(judge.params, sep="/")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __version__=_VERSION, __accuracy__=judge.accuracy, **{k: np.asarray(v) for k, v in flat.items()})
-    os.replace(tmp, path)
+    fileio.save_npz(path, __version__=_VERSION, __accuracy__=judge.accuracy,
+                    **{k: np.asarray(v) for k, v in flat.items()})
     return judge
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,12 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from PIL import Image
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 from tqdm.auto import tqdm
 
-from vqgen import parallel
+from vqgen import fileio, parallel
 from vqgen.checkpoint import Checkpointer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -122,31 +120,75 @@ class Preempted(Exception):
     """Raised after a checkpoint was written because SIGTERM or Ctrl-C arrived; the CLI exits 0."""
 
 
+class _ObjectRecordWriter:
+    """A TensorBoard event file on an object store (``gs://``, ``s3://``, ...), through the path
+    layer: the events are buffered and the whole object is rewritten on each flush."""
+
+    def __init__(self, path: str):
+        self.path, self._buffer, self.closed = path, bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+
+    def flush(self) -> None:
+        fileio.path(self.path).write_bytes(bytes(self._buffer))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _ObjectRecordWriterFactory:
+    def open(self, path: str) -> _ObjectRecordWriter:
+        return _ObjectRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        fileio.makedirs(path)
+
+
+for _scheme in ("gs", "s3", "az", "hf"):  # tensorboardX's own gs:// writer needs google-cloud-storage credentials
+    record_writer.register_writer_factory(_scheme, _ObjectRecordWriterFactory())
+
+
 class MetricWriter:
-    """TensorBoard scalars and images on process 0, plus a JSON-lines log beside them."""
+    """TensorBoard scalars and images on process 0, plus a JSON-lines log beside them.
+
+    Local or remote (``gs://...``) alike. A local ``metrics.jsonl`` is appended line by line; on an
+    object store, which cannot append, the log is rewritten whole at :meth:`flush` (the loop
+    flushes before each checkpoint, so a killed run never lacks a step its checkpoint holds).
+    """
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, logdir: str | None, start_step: int = 0):
         """``start_step``: the step a resumed run starts from; what an earlier run logged after it
         (steps it trained but did not checkpoint, replayed now) is dropped from both logs."""
-        self.logdir = logdir if (logdir and parallel.is_main_process()) else None
+        self.logdir = str(logdir) if (logdir and parallel.is_main_process()) else None
         self._tb = None
+        self._remote = bool(self.logdir) and fileio.is_remote(self.logdir)
+        self._lines: list[str] = []
+        self._last_flush = time.monotonic()
         if self.logdir:
-            os.makedirs(self.logdir, exist_ok=True)
+            fileio.makedirs(self.logdir)
             self._truncate_jsonl(int(start_step))
             self._tb = SummaryWriter(self.logdir, flush_secs=30, purge_step=int(start_step) + 1 if start_step else None)
 
+    @property
+    def jsonl_path(self) -> str:
+        return fileio.join(self.logdir, "metrics.jsonl")
+
     def _truncate_jsonl(self, start_step: int) -> None:
-        path = os.path.join(self.logdir, "metrics.jsonl")
-        if not os.path.exists(path):
+        path = self.jsonl_path
+        if not fileio.exists(path):
             return
-        with open(path) as f:
-            lines = f.readlines()
-        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        if len(keep) != len(lines):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, path)
+        lines = fileio.read_text(path).splitlines(keepends=True)
+        keep = [line if line.endswith("\n") else line + "\n" for line in lines
+                if line.strip() and _logged_step(line) <= start_step]
+        if self._remote:
+            self._lines = keep
+        if keep != lines:
+            fileio.write_text(path, "".join(keep))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.logdir:
@@ -154,24 +196,62 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
-        with open(os.path.join(self.logdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+        line = json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
+                self.flush()
+        else:
+            with open(self.jsonl_path, "a") as f:
+                f.write(line)
 
     def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
         if self._tb is not None:
             self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Writes what is buffered (the remote log and TensorBoard events)."""
+        if not self.logdir:
+            return
+        if self._remote:
+            fileio.write_text(self.jsonl_path, "".join(self._lines))
+        if self._tb is not None:
+            self._tb.flush()
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
+        if self.logdir:
+            self.flush()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except ValueError:  # a line cut short by a kill while it was appended
+        return 1 << 62
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step produced a non-finite loss; no checkpoint was written after it."""
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(float(v))]
     if bad:
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"non-finite {', '.join(bad)} at step {step}; lower the learning rate or enable "
             "gradient clipping, and resume from the last checkpoint.")
+
+
+@jax.jit
+def _first_bad_step(first_bad: jax.Array, metrics: dict, step: jax.Array) -> jax.Array:
+    """``step`` if this is the first step whose metrics are not all finite, else ``first_bad``
+    (-1 while every step so far was finite); runs on device, so the loop never waits for it."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    return jnp.where((first_bad < 0) & ~finite, step, first_bad)
 
 
 def image_grid(images: np.ndarray, rows: int | None = None) -> np.ndarray:
@@ -195,11 +275,8 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, image_hwc_uint8: np.ndarray) -> None:
-    img = image_hwc_uint8
-    if img.shape[-1] == 1:
-        img = img[..., 0]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(img).save(path)
+    """A uint8 ``[H, W, C]`` image as a PNG at ``path`` (local or remote), written atomically."""
+    fileio.save_png(path, image_hwc_uint8)
 
 
 @dataclasses.dataclass
@@ -213,26 +290,46 @@ class LoopConfig:
 
 def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: Callable[[Any], Any],
              rng: jax.Array, frozen: tuple, checkpointer, loop: LoopConfig, writer: MetricWriter,
-             on_images: Callable[[int, Any], None] | None = None, start_step: int = 0) -> Any:
+             on_images: Callable[[int, Any], None] | None = None, start_step: int = 0,
+             first_batch: Any = None, fix_hint: str = "lower the learning rate or enable gradient clipping") -> Any:
     """Runs ``step_fn`` from ``start_step`` to ``loop.num_steps`` with logging and checkpoints.
 
     ``step_fn(state, batch, rng, *frozen) -> (state, metrics)`` must fold the step into ``rng``
-    itself, so a resumed run sees the same keys. Raises :class:`Preempted` after saving when
-    SIGTERM arrives.
+    itself, so a resumed run sees the same keys. ``first_batch``: the batch already taken from
+    ``data_iter`` (to check it before compiling), used for the first step. Raises
+    :class:`Preempted` after saving when SIGTERM or Ctrl-C arrives, and :class:`NonFiniteLoss`
+    when a step's metrics are not finite: every step is checked on device and the flag is read
+    before each checkpoint, so no checkpoint is written after a bad step (``fix_hint`` says what
+    to change before resuming from the last good one).
     """
     show = parallel.is_main_process()
     bar = tqdm(total=loop.num_steps, initial=start_step, desc=loop.desc, disable=not show,
                dynamic_ncols=True, mininterval=2.0)
-    pending = None
     t_last, step_last = time.perf_counter(), start_step
+    first_bad = jnp.asarray(-1, jnp.int32)
+
+    def stop_if_not_finite(done: int) -> None:
+        bad = int(jax.device_get(first_bad))
+        if bad < 0:
+            return
+        checkpointer.wait()
+        bar.close()
+        writer.flush()
+        last = checkpointer.latest_step()
+        where = (f"the last good checkpoint, step {last} in {checkpointer.directory}, is left intact: {fix_hint}, then "
+                 f"run the same command to resume from step {last}" if last is not None else
+                 f"there is no checkpoint yet: {fix_hint} and run the same command again")
+        raise NonFiniteLoss(f"non-finite loss at step {bad} (found by step {done}); {where}.")
+
     with PreemptionGuard() as guard:
         for step in range(start_step, loop.num_steps):
-            batch = put_batch(next(data_iter))
-            state, metrics = step_fn(state, batch, rng, *frozen)
+            raw = first_batch if (step == start_step and first_batch is not None) else next(data_iter)
+            state, metrics = step_fn(state, put_batch(raw), rng, *frozen)
             done = step + 1
+            first_bad = _first_bad_step(first_bad, metrics, jnp.asarray(done, jnp.int32))
             if done % loop.log_every == 0 or done == loop.num_steps:
+                stop_if_not_finite(done)
                 pending = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(done, pending)
                 now = time.perf_counter()
                 pending["steps_per_sec"] = (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
@@ -242,9 +339,12 @@ def run_loop(*, step_fn: Callable, state: Any, data_iter: Iterator, put_batch: C
             if on_images is not None and loop.image_every and done % loop.image_every == 0:
                 on_images(done, state)
             bar.update(1)
-            checkpointer.save(done, state, data_iter, force=(done == loop.num_steps))
+            final = done == loop.num_steps or bool(guard.requested)
+            if checkpointer.should_save(done, force=final):
+                stop_if_not_finite(done)
+                writer.flush()  # the log holds every step the checkpoint holds
+                checkpointer.save(done, state, data_iter, force=final)
             if guard.requested:
-                checkpointer.save(done, state, data_iter, force=True)
                 checkpointer.wait()
                 bar.close()
                 raise Preempted(f"stopped at step {done} after {guard.requested}; the checkpoint is saved: "
@@ -296,7 +396,7 @@ class Phase:
     load_frozen: Callable[[], tuple] = tuple
 
     def ckpt_dir(self, workdir: str) -> str:
-        return os.path.join(workdir, "checkpoints", self.name)
+        return fileio.join(workdir, "checkpoints", self.name)
 
     def checkpointer(self, workdir: str) -> Checkpointer:
         return Checkpointer(self.ckpt_dir(workdir), save_every=self.loop.save_every, keep=self.keep,
@@ -381,14 +481,34 @@ def put_batch(batch: dict, mesh, keys) -> dict:
     return parallel.shard_batch({k: batch[k] for k in keys}, mesh)
 
 
+def check_batch(phase: Phase, batch: dict) -> None:
+    """Raises ``ValueError`` (one sentence) when a host batch does not have the shapes and kinds
+    the phase's step was built for (this process's share of the global batch); checked on the first
+    batch, before the step compiles."""
+    count = jax.process_count()
+    for key, want in phase.batch.items():
+        if key not in batch:
+            raise ValueError(f"the {phase.name} data gives no {key!r}; its batches hold {sorted(batch)}.")
+        got = np.asarray(batch[key])
+        shape = (want.shape[0] // count,) + tuple(want.shape[1:])
+        if tuple(got.shape) != shape:
+            raise ValueError(f"the {phase.name} data gives {key!r} of shape {tuple(got.shape)} per batch but the "
+                             f"config builds the {phase.name} for {shape}; make data.image_size, data.channels and "
+                             "the batch size match the data.")
+        if np.issubdtype(want.dtype, np.integer) != np.issubdtype(got.dtype, np.integer):
+            raise ValueError(f"the {phase.name} data gives {key!r} as {got.dtype}, not {np.dtype(want.dtype)}.")
+        if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
+            raise ValueError(f"the {phase.name} data gives non-finite values in {key!r}; check the data source.")
+
+
 def train_phase(phase: Phase, *, workdir: str, mesh, rules, data_iter: Iterator,
                 on_images: Callable[[MetricWriter, int, Any], None] | None = None) -> Any:
     """Trains ``phase`` to ``phase.loop.num_steps`` in ``workdir``, resuming from its last checkpoint.
 
-    The one driver of every phase: restore or initialise the sharded state, compile the step,
-    run :func:`run_loop` with the phase's frozen inputs, TensorBoard under
-    ``<workdir>/tb/<name>``, checkpoints under ``<workdir>/checkpoints/<name>``. Says where it
-    writes and the step it starts from. Returns the final state.
+    The one driver of every phase: restore or initialise the sharded state, check the first
+    batch, compile the step, run :func:`run_loop` with the phase's frozen inputs, TensorBoard
+    under ``<workdir>/tb/<name>``, checkpoints under ``<workdir>/checkpoints/<name>`` (local or
+    remote). Says where it writes and the step it starts from. Returns the final state.
     """
     ckpt = phase.checkpointer(workdir)
     try:
@@ -397,18 +517,24 @@ def train_phase(phase: Phase, *, workdir: str, mesh, rules, data_iter: Iterator,
         if start >= total:
             say(f"{phase.name}: already trained to step {start} in {ckpt.directory}")
             return state
+        first = next(data_iter)
+        check_batch(phase, first)
         say(f"{phase.name}: {'resuming from step ' + str(start) if start else 'training from step 0'} "
             f"to {total}; checkpoints in {ckpt.directory}")
-        writer = MetricWriter(os.path.join(workdir, "tb", phase.name), start_step=start)
+        writer = MetricWriter(fileio.join(workdir, "tb", phase.name), start_step=start)
         frozen = tuple(phase.load_frozen())
         keys = tuple(phase.batch)
-        with parallel.mesh_context(mesh, rules):
-            state = run_loop(
-                step_fn=compile_phase(phase, mesh, shardings), state=state, data_iter=data_iter,
-                put_batch=lambda b: put_batch(b, mesh, keys), rng=jax.random.key(phase.step_seed),
-                frozen=frozen, checkpointer=ckpt, loop=phase.loop, writer=writer, start_step=start,
-                on_images=None if on_images is None else (lambda step, st: on_images(writer, step, st)))
-        writer.close()
+        section = f"{phase.name}_train"
+        try:
+            with parallel.mesh_context(mesh, rules):
+                state = run_loop(
+                    step_fn=compile_phase(phase, mesh, shardings), state=state, data_iter=data_iter,
+                    put_batch=lambda b: put_batch(b, mesh, keys), rng=jax.random.key(phase.step_seed),
+                    frozen=frozen, checkpointer=ckpt, loop=phase.loop, writer=writer, start_step=start,
+                    first_batch=first, fix_hint=f"lower {section}.lr or set {section}.grad_clip",
+                    on_images=None if on_images is None else (lambda step, st: on_images(writer, step, st)))
+        finally:
+            writer.close()
     finally:
         ckpt.close()
     return state
@@ -451,16 +577,10 @@ def map_batches(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...] | np.ndar
 
 
 def update_report(workdir: str, section: str, values: dict[str, Any]) -> dict:
-    """Merges ``values`` under ``section`` into ``workdir/report.json`` (process 0 writes)."""
-    path = os.path.join(workdir, "report.json")
-    report = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            report = json.load(f)
+    """Merges ``values`` under ``section`` into ``workdir/report.json`` (process 0 writes, atomically)."""
+    path = fileio.join(workdir, "report.json")
+    report = fileio.read_json(path) if fileio.exists(path) else {}
     report[section] = values
     if parallel.is_main_process():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        fileio.write_json(path, report)
     return report

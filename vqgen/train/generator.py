@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -30,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
-from vqgen import generators, parallel
+from vqgen import fileio, generators, parallel
 from vqgen.checkpoint import Checkpointer
 from vqgen.data import tokens as token_data
 from vqgen.train import builders, common
@@ -155,7 +153,7 @@ def build(config) -> common.Phase:
 
 
 def cache_path(workdir: str) -> str:
-    return os.path.join(workdir, "tokens", "train.npz")
+    return fileio.join(workdir, "tokens", "train.npz")
 
 
 def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenTokenizer,
@@ -287,7 +285,7 @@ class TrainedGenerator:
 
 def _restore_params(config, workdir: str, mesh, rules, model, family, spec, use_ema: bool) -> tuple[Any, int]:
     """The generator's (EMA) parameters from the workdir, sharded on ``mesh``; nothing else is read."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", NAME), save_every=1, keep=1,
+    ckpt = Checkpointer(fileio.join(workdir, "checkpoints", NAME), save_every=1, keep=1,
                         fingerprint=fingerprint(config, spec))
     try:
         if ckpt.latest_step() is None:
@@ -312,7 +310,7 @@ def load_generator(config, workdir: str, mesh=None, *, use_ema: bool | None = No
     use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
     params, step = _restore_params(config, workdir, mesh, rules, model, family, spec, use_ema)
     if tokenizer is True:
-        has = (epath.Path(workdir) / "checkpoints" / tokenizer_lib.NAME).exists()  # local or gs://
+        has = fileio.exists(fileio.join(workdir, "checkpoints", tokenizer_lib.NAME))  # local or gs://
         tokenizer = tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh) if has else None
     return TrainedGenerator(config=config, family=family, model=model, params=params, spec=spec,
                             tokenizer=tokenizer or None, mesh=mesh, rules=rules, step=step)

@@ -8,7 +8,7 @@ frame prediction), ``summary`` and ``all``.
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from typing import Any
 
@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from vqgen import parallel
+from vqgen import data as vdata
+from vqgen import fileio, parallel
 from vqgen.checkpoint import Checkpointer
 from vqgen.evaluation import fid as fid_lib
 from vqgen.evaluation import judge as judge_lib
@@ -29,56 +30,92 @@ MODES = ("train_tokenizer", "train_generator", "sample", "evaluate", "summary", 
 ALL = ("train_tokenizer", "train_generator", "sample", "evaluate")
 
 
-def check_workdir(workdir: str | None) -> None:
-    """A clear error for a missing ``--workdir`` or one that names a file."""
+def check_workdir(workdir: str | None, *, write: bool = False) -> None:
+    """A clear error for a missing ``--workdir``, one that names a file or cannot be reached
+    (``gs://`` without ``gcsfs``); with ``write``, also one that cannot be written (read-only),
+    and the folder is created when it is missing."""
     if not workdir:
         raise ValueError("--workdir is required, e.g. --workdir=runs/quickstart.")
-    if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    fileio.check_access(workdir, "--workdir")
+    p = fileio.path(workdir)
+    if p.exists() and not p.is_dir():
         raise ValueError(f"--workdir={workdir} is a file; pass a directory (it is created when missing).")
+    if write and parallel.is_main_process():
+        fileio.check_writable_dir(workdir, "--workdir")
+
+
+# Keys every training section has, and the smallest value each may take.
+_LOOP_MINIMUM = {"num_steps": 1, "batch_size": 1, "log_every": 1, "save_every": 1, "keep": 1}
+
+
+def check_loop_settings(config, section: str) -> None:
+    """One sentence for a training setting no run can use (``num_steps=-5``, ``log_every=0``,
+    a learning rate that is not a positive number)."""
+    sc = config[section]
+    for key, minimum in _LOOP_MINIMUM.items():
+        if key in sc and int(sc[key]) < minimum:
+            raise ValueError(f"{section}.{key}={sc[key]} must be at least {minimum}; pass "
+                             f"--config.{section}.{key}=<a whole number >= {minimum}>.")
+    if "lr" in sc and not (math.isfinite(float(sc.lr)) and float(sc.lr) > 0):
+        raise ValueError(f"{section}.lr={sc.lr} must be a positive number, e.g. --config.{section}.lr=1e-4.")
+
+
+def check_data(config) -> None:
+    """The training data against the config, before anything is compiled or written: the source's
+    class count against ``data.num_classes``, and the first batch's image shape, channels and labels
+    against ``data.image_size``, ``data.channels`` and ``data.num_classes``."""
+    batch_size = int(config.tokenizer_train.batch_size) if "tokenizer_train" in config else 8
+    example = builders.example_shape(config)
+    source, _ = tokenizer_lib.make_data(config, "train", train=False, batch_size=1)
+    vdata.check_source(source, source_name=str(config.data.source), num_classes=int(config.data.num_classes),
+                       channels=int(config.data.channels), image_size=int(config.data.image_size),
+                       num_frames=example[0] if len(example) == 4 else None, first=batch_size)
 
 
 def validate(config, workdir: str, phases: tuple[str, ...]) -> None:
-    """Everything that can refuse the run, checked before anything is written: the workdir, the
-    config of every phase to run (its models are built), and the compatibility of the checkpoints
-    already in the workdir with this config."""
+    """Everything that can refuse the run, checked before anything is written: the config of
+    every phase to run (its models are built, its loop settings checked), the workdir (a writable
+    folder, local or remote), the compatibility of the checkpoints already in it with this config,
+    and the training data against the config (first batch, before any compile)."""
     check_workdir(workdir)
     checks = []
     if "train_tokenizer" in phases:
+        check_loop_settings(config, "tokenizer_train")
         phase = tokenizer_lib.build(config)
         checks.append((phase.ckpt_dir(workdir), lambda c: c.check_compatible(), phase.fingerprint))
     if set(phases) & {"train_generator", "sample", "evaluate"} and "generator" in config:
+        if "train_generator" in phases:
+            check_loop_settings(config, "generator_train")
         phase = generator_lib.build(config)
         checks.append((phase.ckpt_dir(workdir), lambda c: c.check_compatible(), phase.fingerprint))
-        checks.append((os.path.join(workdir, "checkpoints", tokenizer_lib.NAME),
+        checks.append((fileio.join(workdir, "checkpoints", tokenizer_lib.NAME),
                        lambda c: tokenizer_lib.check_architecture(config, c), None))
     for directory, check, fingerprint in checks:
-        if "://" in directory or os.path.isdir(directory):  # opening a manager creates a missing folder
+        if fileio.path(directory).is_dir():  # opening a manager creates a missing folder
             ckpt = Checkpointer(directory, save_every=1, keep=1, fingerprint=fingerprint)
             try:
                 if ckpt.latest_step() is not None:
                     check(ckpt)
             finally:
                 ckpt.close()
+    if set(phases) & {"train_tokenizer", "train_generator"}:
+        check_data(config)
+    check_workdir(workdir, write=True)  # last: a refused run leaves no new folder behind
 
 
 def write_config(config, workdir: str) -> None:
     """Writes ``config.json``; a different earlier one is kept as ``config.<timestamp>.json``."""
     if not parallel.is_main_process():
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+    path = fileio.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
+    if fileio.exists(path):
+        old = fileio.read_text(path)
         if old == text:
             return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(fileio.mtime(path) or time.time()))
+        fileio.write_text(fileio.join(workdir, f"config.{stamp}.json"), old)
+    fileio.write_text(path, text)
 
 
 def _report(workdir: str, section: str, metrics: dict) -> None:
@@ -106,12 +143,11 @@ def train_generator(config, workdir: str, mesh=None) -> dict:
 
 
 def _save_samples(workdir: str, arrays: dict[str, np.ndarray], grid: np.ndarray) -> str:
-    out_dir = os.path.join(workdir, "samples")
-    path = os.path.join(out_dir, "samples.npz")
+    out_dir = fileio.join(workdir, "samples")
+    path = fileio.join(out_dir, "samples.npz")
     if parallel.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
-        np.savez(path, **arrays)
-        common.save_png(os.path.join(out_dir, "grid.png"), grid)
+        fileio.save_npz(path, **arrays)
+        fileio.save_png(fileio.join(out_dir, "grid.png"), grid)
     return path
 
 
@@ -161,25 +197,24 @@ def sample(config, workdir: str, mesh=None) -> str:
     common.update_report(workdir, "sampling", {
         "task": task, "num_samples": int(len(images)), "seconds": seconds,
         "seconds_per_sample": seconds / len(images), "options": {k: v for k, v in vars(opts).items()}})
-    common.say(f"samples: {len(images)} written to {path} (grid: {os.path.join(os.path.dirname(path), 'grid.png')})")
+    common.say(f"samples: {len(images)} written to {path} (grid: {fileio.join(workdir, 'samples', 'grid.png')})")
     return path
 
 
 def evaluate(config, workdir: str, mesh=None) -> dict:
     """Scores ``samples/samples.npz``: frame-prediction PSNR for video tasks; for images the digit
     judge (on the embedded digits) and FID/IS when Inception weights and statistics are configured."""
-    path = os.path.join(workdir, "samples", "samples.npz")
-    if not os.path.exists(path):
+    path = fileio.join(workdir, "samples", "samples.npz")
+    if not fileio.exists(path):
         raise FileNotFoundError(f"no samples at {path}; run --mode=sample first.")
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
+    arrays = fileio.load_npz(path)
     if "ground_truth" in arrays:
         return _evaluate_video_task(config, workdir, arrays, mesh)
     images, labels = arrays["images"], arrays["labels"]
     ec = config.evaluate
     metrics: dict[str, Any] = {}
     if ec.judge and config.data.source == "mnist" and images.ndim == 4:
-        judge = judge_lib.load_or_train_judge(os.path.join(workdir, "judge"), seed=config.seed)
+        judge = judge_lib.load_or_train_judge(fileio.join(workdir, "judge"), seed=config.seed)
         metrics.update(judge_lib.judge_metrics(judge, images, labels))
         metrics["judge_test_accuracy"] = float(judge.accuracy)
     if ec.inception_path and ec.reference_stats:
@@ -235,7 +270,7 @@ def run(config, workdir: str | None, mode: str) -> int:
     phases = ALL if mode == "all" else (mode,)
     validate(config, workdir, phases)
     write_config(config, workdir)
-    common.say(f"workdir: {os.path.abspath(workdir) if '://' not in workdir else workdir}")
+    common.say(f"workdir: {fileio.display(workdir)}")
     mesh = parallel.create_mesh(tuple(config.mesh_shape))
     steps = {"train_tokenizer": train_tokenizer, "train_generator": train_generator, "sample": sample,
              "evaluate": evaluate}
@@ -248,5 +283,5 @@ def run(config, workdir: str | None, mode: str) -> int:
         logging.warning("%s", e)
         print(str(e), flush=True)
         return 0
-    common.say(f"done: report in {os.path.join(workdir, 'report.json')}")
+    common.say(f"done: report in {fileio.join(workdir, 'report.json')}")
     return 0

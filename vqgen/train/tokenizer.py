@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -36,7 +35,7 @@ import numpy as np
 import optax
 
 from vqgen import data as vdata
-from vqgen import parallel
+from vqgen import fileio, parallel
 from vqgen.checkpoint import Checkpointer, IncompatibleCheckpointError
 from vqgen.evaluation import metrics as em
 from vqgen.losses import adversarial as adv
@@ -274,7 +273,8 @@ def make_data(config, split: str = "train", train: bool = True, batch_size: int 
     dc = config.data
     example = builders.example_shape(config)
     source = vdata.make_source(dc.source, split, image_size=dc.image_size, data_dir=dc.data_dir or None,
-                               num_frames=example[0] if len(example) == 4 else 16, seed=config.seed)
+                               num_frames=example[0] if len(example) == 4 else 16, seed=config.seed,
+                               resize=dc.get("resize", "center_crop"))
     return source, vdata.make_pipeline(
         source, global_batch_size=batch_size or config.tokenizer_train.batch_size, seed=config.seed, train=train,
         random_crop=dc.random_crop, random_flip=dc.random_flip)
@@ -395,7 +395,7 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
     """
     mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
     rules = parallel.rules_from_config(config.logical_rules)
-    directory = os.path.join(workdir, "checkpoints", NAME)
+    directory = fileio.join(workdir, "checkpoints", NAME)
     ckpt = Checkpointer(directory, save_every=1, keep=1)
     try:
         if ckpt.latest_step() is None:
