@@ -486,6 +486,29 @@ def diffusion_loss(head: DiffusionHead, params: Any, target: jax.Array, z: jax.A
     return loss, {"diffusion_mse": mean(terms["mse"]), "diffusion_vb": mean(terms["vb"])}
 
 
+def guided_output(head: DiffusionHead, params: Any, x: jax.Array, t: jax.Array, z: jax.Array,
+                  z_uncond: jax.Array | None = None, cfg_scale: float | jax.Array = 1.0) -> jax.Array:
+    """The head's output ``[N, 2C]`` at ``x [N, C]`` and training timesteps ``t [N]``; with
+    ``z_uncond`` the noise half is guided, ``eps_u + cfg_scale * (eps_c - eps_u)``, and the variance
+    half is the conditional one (MAR's ``forward_with_cfg``, one batch of ``2N`` rows)."""
+    if z_uncond is None:
+        return head.apply({"params": params}, x, t, z)
+    n, c = x.shape[0], x.shape[-1]
+    out = head.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([z, z_uncond]))  # [2N, 2C]
+    eps = out[n:, :c] + cfg_scale * (out[:n, :c] - out[n:, :c])  # [N, C]
+    return jnp.concatenate([eps, out[:n, c:]], axis=-1)
+
+
+def p_sample_step(sched: Schedule, model_out: jax.Array, x: jax.Array, i: jax.Array | int, noise: jax.Array,
+                  temperature: float | jax.Array = 1.0) -> jax.Array:
+    """One reverse step at respaced index ``i``: ``mean + [i > 0] exp(log_var / 2) temperature noise``
+    (MAR's ``p_sample`` with temperature)."""
+    pm = p_mean_variance(sched, model_out, x, jnp.full((x.shape[0],), i, jnp.int32))
+    scale = jnp.where(jnp.asarray(i) > 0, jnp.exp(0.5 * pm["log_variance"]) * temperature, 0.0)
+    return pm["mean"] + scale * noise
+
+
 def p_sample_loop(head: DiffusionHead, params: Any, z: jax.Array, rng: jax.Array, *,
                   num_steps: int = DEFAULT_SAMPLING_STEPS, temperature: float | jax.Array = 1.0,
                   cfg_scale: float | jax.Array = 1.0, z_uncond: jax.Array | None = None,
@@ -505,21 +528,13 @@ def p_sample_loop(head: DiffusionHead, params: Any, z: jax.Array, rng: jax.Array
     init_key, loop_key = jax.random.split(rng)
     x = jax.random.normal(init_key, (n, c), jnp.float32) if noise is None else noise.astype(jnp.float32)
     ts = jnp.asarray(sched.timesteps, jnp.int32)  # [S]
-    cond = z if z_uncond is None else jnp.concatenate([z, z_uncond], axis=0)  # [N', Cz]
 
     def body(k, x):
         i = sched.num_steps - 1 - k  # respaced index, counting down
-        idx = jnp.full((n,), i, jnp.int32)
-        feed = x if z_uncond is None else jnp.concatenate([x, x], axis=0)  # [N', C]
-        out = head.apply({"params": params}, feed, jnp.full((feed.shape[0],), ts[i]), cond)  # [N', 2C]
-        if z_uncond is not None:
-            eps = out[n:, :c] + cfg_scale * (out[:n, :c] - out[n:, :c])  # [N, C]
-            out = jnp.concatenate([eps, out[:n, c:]], axis=-1)  # [N, 2C]
-        pm = p_mean_variance(sched, out, x, idx)
-        eps_draw = (jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, jnp.float32)
-                    if step_noise is None else step_noise[k])
-        scale = jnp.where(i > 0, jnp.exp(0.5 * pm["log_variance"]) * temperature, 0.0)
-        return pm["mean"] + scale * eps_draw
+        out = guided_output(head, params, x, jnp.full((n,), ts[i]), z, z_uncond, cfg_scale)  # [N, 2C]
+        draw = (jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, jnp.float32)
+                if step_noise is None else step_noise[k])
+        return p_sample_step(sched, out, x, i, draw, temperature)
 
     return jax.lax.fori_loop(0, sched.num_steps, body, x)
 
