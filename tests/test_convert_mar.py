@@ -1,11 +1,15 @@
-"""MAR's diffusion head converted from the official code's weights reproduces its outputs.
+"""MAR converted from the official code's weights reproduces its outputs.
 
-The fixture (``tests/fixtures/mar/diffloss_tiny.npz``, made by ``tools/make_mar_fixture.py`` from
-an LTH14/mar checkout) holds a manifest from which the official ``SimpleMLPAdaLN`` state dict is
-rebuilt exactly (``numpy.random.RandomState`` draws, checked against stored checksums: 4-channel
-tokens, 6-channel conditions, width 16, 2 blocks) and the official outputs: the head at given
-inputs, the training loss terms at fixed timesteps and noise, and the 10-step reverse chains
-(temperature 0.7, with and without guidance) at fixed noise.
+The fixtures (``tests/fixtures/mar/``, made by ``tools/make_mar_fixture.py`` from an LTH14/mar
+checkout) hold manifests from which the official state dicts are rebuilt exactly
+(``numpy.random.RandomState`` draws, checked against stored checksums) and the official outputs:
+
+- ``diffloss_tiny.npz``: a ``SimpleMLPAdaLN`` head (4-channel tokens, 6-channel conditions, width
+  16, 2 blocks) at given inputs, the training loss terms at fixed timesteps and noise, and the
+  10-step reverse chains (temperature 0.7, with and without guidance) at fixed noise.
+- ``mar_tiny.npz``: a MAR (4x4 tokens of 4 channels, encoder 32 wide with 2 blocks, decoder 24
+  wide with 1 block, 2 buffer tokens, 5 classes): the decoder output for given latents, labels
+  (one "no label") and mask, and ``forward_loss`` at fixed timesteps and noise.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import pytest
 
 from vqgen.convert import mar as convert_mar
 from vqgen.generators import diffusion_loss as dl
+from vqgen.generators import mar as mar_lib
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mar" / "diffloss_tiny.npz"
+MAR_FIXTURE = Path(__file__).parent / "fixtures" / "mar" / "mar_tiny.npz"
 TOL = 1e-4
 
 
@@ -117,3 +123,61 @@ def test_head_manifest_refusals(state):
     extra = {**state, "diffloss.net.res_blocks.0.extra": np.ones(1)}
     with pytest.raises(ValueError, match="has 1 head key MAR's head does not have"):
         convert_mar.inspect_head(extra)
+
+
+# ------------------------------------------------------------------------------ the transformer
+
+
+@pytest.fixture(scope="module")
+def mar_fx() -> dict:
+    with np.load(MAR_FIXTURE) as f:
+        data = {k: f[k] for k in f.files}
+    data["manifest"] = json.loads(str(data["manifest"]))
+    rs = np.random.RandomState(data["manifest"]["inputs"]["seed"])
+    state = {}
+    for key, shape, scale, offset, checksum in data["manifest"]["params"]:
+        w = (rs.standard_normal(shape) * scale + offset).astype(np.float32)
+        assert np.isclose(np.sum(w, dtype=np.float64), checksum, rtol=1e-9, atol=1e-9), f"{key} differs"
+        state[key] = w
+    data["state"] = state
+    return data
+
+
+def test_mar_forward_and_loss_match(mar_fx):
+    cfg, inputs, state = mar_fx["manifest"]["config"], mar_fx["manifest"]["inputs"], mar_fx["state"]
+    info = convert_mar.inspect_mar(state, encoder_heads=cfg["encoder_num_heads"],
+                                   decoder_heads=cfg["decoder_num_heads"])
+    assert (info.grid, info.token_dim, info.buffer_size, info.num_classes) == ((4, 4), 4, 2, 5)
+    assert (info.encoder_depth, info.decoder_depth, info.mlp_ratio, info.head.depth) == (2, 1, 4.0, 1)
+    model = info.module(diffusion_batch_mul=cfg["diffusion_batch_mul"], mask_ratio_min=cfg["mask_ratio_min"])
+    params = jax.tree.map(jnp.asarray, convert_mar.convert_mar(state, info))
+    assert mar_lib.count_params(model) == sum(int(np.prod(e[1])) for e in mar_fx["manifest"]["params"])
+    # MAR reads NCHW latents; vqgen's tokens come from the NHWC map in the same channel order.
+    tokens = mar_lib.patchify(jnp.asarray(mar_fx["latents"].transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(tokens, mar_fx["tokens"])
+    labels = jnp.asarray([v if v >= 0 else model.num_classes for v in inputs["labels"]])
+    mask = jnp.asarray(mar_fx["mask"] > 0)
+    for keep in (model.max_visible, None):  # training's gathered encoder and the sampler's full one
+        z = model.apply({"params": params}, tokens, mask, labels, keep=keep)
+        _close(z, mar_fx["z"])
+    b, length = mask.shape
+    mul = cfg["diffusion_batch_mul"]
+    target, cond, rows = dl.diffusion_batch_mul(mul, tokens.reshape(b * length, -1), z.reshape(b * length, -1),
+                                                mask.reshape(-1).astype(jnp.float32))
+    terms = dl.loss_terms(model.head, params["diffloss"], target, cond, jnp.asarray(mar_fx["t"]), mar_fx["noise"])
+    _close(terms["loss"], mar_fx["row_loss"])
+    np.testing.assert_allclose(float(jnp.sum(terms["loss"] * rows) / jnp.sum(rows)), mar_fx["loss"], rtol=TOL)
+
+
+def test_mar_manifest_refusals(mar_fx):
+    state = mar_fx["state"]
+    with pytest.raises(ValueError, match=re.escape("the MAR file's encoder has width 32, which no released MAR has")):
+        convert_mar.inspect_mar(state)
+    heads = dict(encoder_heads=4, decoder_heads=2)
+    short = {k: v for k, v in state.items() if k != "decoder_blocks.0.attn.proj.bias"}
+    with pytest.raises(ValueError, match=re.escape("lacks 'decoder_blocks.0.attn.proj.bias'")):
+        convert_mar.inspect_mar(short, **heads)
+    with pytest.raises(ValueError, match="is not a MAR transformer"):
+        convert_mar.inspect_mar({k: v for k, v in state.items() if k != "z_proj.weight"}, **heads)
+    with pytest.raises(ValueError, match=re.escape("has 1 key MAR does not have (first 'ema')")):
+        convert_mar.inspect_mar({**state, "ema": np.ones(1)}, **heads)

@@ -1,13 +1,23 @@
-"""Makes ``tests/fixtures/mar/diffloss_tiny.npz``: golden outputs of the official MAR diffusion loss
-(tiny, random weights).
+"""Makes ``tests/fixtures/mar/diffloss_tiny.npz`` and ``mar_tiny.npz``: golden outputs of the
+official MAR code (LTH14/mar; tiny, random weights).
 
     git clone https://github.com/LTH14/mar /tmp/mar
+    pip install timm==0.9.12        # MAR's pinned version, for its transformer blocks
     python tools/make_mar_fixture.py --mar-repo /tmp/mar
 
-The official ``DiffLoss`` (``models/diffloss.py``: its ``SimpleMLPAdaLN`` head and the
-``create_diffusion`` schedules of ``diffusion/``) is built on CPU in float32 with 4-channel
-tokens, 6-channel conditions, width 16, 2 residual blocks and a 10-step sampler. Nothing else of
-the repository is imported (its transformer needs ``timm``).
+``diffloss_tiny.npz``: the official ``DiffLoss`` (``models/diffloss.py``: its ``SimpleMLPAdaLN``
+head and the ``create_diffusion`` schedules of ``diffusion/``) built on CPU in float32 with
+4-channel tokens, 6-channel conditions, width 16, 2 residual blocks and a 10-step sampler.
+
+``mar_tiny.npz``: the official ``MAR`` (``models/mar.py`` with timm's ``Block``) at 64px over a
+stride-16 VAE of 4 channels (a 4x4 grid of 4-channel tokens), encoder width 32 with 2 blocks and 4
+heads, decoder width 24 with 1 block and 2 heads, 5 classes, 2 buffer tokens, a 1-block head of
+width 16, ``diffusion_batch_mul=2``, LayerNorm eps 1e-6 (as the released variants), in eval mode (no dropout, no label drop). It holds the
+decoder output ``z`` of ``forward_mae_encoder`` + ``forward_mae_decoder`` for given latents, class
+embeddings (the last row ``fake_latent``) and a mask with 12 of 16 tokens masked per row, and the
+loss of ``forward_loss`` with its timesteps and noise fixed (``t``, ``noise`` over the tiled rows).
+torchvision, which timm imports for its data transforms only, is replaced by a stub when it does
+not import (it does not beside the CPU torch wheel).
 
 The weights are not stored: the ``.npz`` holds a manifest of every state-dict entry, and each
 parameter is ``standard_normal(shape) * scale + offset`` drawn in manifest order from
@@ -33,6 +43,7 @@ Outputs, with the inputs they came from:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,9 +53,15 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "tests", "fixtures", "mar", "diffloss_tiny.npz")
+DEFAULT_MAR_OUT = os.path.join(REPO, "tests", "fixtures", "mar", "mar_tiny.npz")
 
 CONFIG = dict(target_channels=4, z_channels=6, width=16, depth=2, num_sampling_steps="10", rows=12, samples=5,
               temperature=0.7, cfg=2.5, seed=0)
+MAR_CONFIG = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32, encoder_depth=2,
+                  encoder_num_heads=4, decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2, vae_embed_dim=4,
+                  class_num=5, buffer_size=2, diffloss_d=1, diffloss_w=16, num_sampling_steps="10",
+                  diffusion_batch_mul=2, mask_ratio_min=0.7)
+MAR_INPUTS = dict(batch=3, labels=(1, 4, -1), masked=12, seed=2)  # label -1: the fake latent
 
 
 def _import_official(mar_repo: str):
@@ -56,22 +73,131 @@ def _import_official(mar_repo: str):
     return diffloss
 
 
+def _stub_torchvision() -> None:
+    """timm imports torchvision for its data pipeline; MAR's blocks do not need it."""
+    import enum
+    import types
+
+    import torch  # noqa: F401  (before the stub: torch looks for torchvision while it imports)
+
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:  # noqa: BLE001  (any failure: the PyPI wheel does not load beside CPU torch)
+        pass
+
+    class _Any(type):
+        def __getattr__(cls, name):
+            return cls
+
+        def __call__(cls, *args, **kwargs):
+            return cls
+
+    class Anything(metaclass=_Any):
+        pass
+
+    class InterpolationMode(enum.Enum):
+        NEAREST, BILINEAR, BICUBIC, BOX, HAMMING, LANCZOS = ("nearest", "bilinear", "bicubic", "box", "hamming",
+                                                              "lanczos")
+
+    for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc", "torchvision.transforms",
+                 "torchvision.transforms.functional", "torchvision.datasets", "torchvision.models",
+                 "torchvision.models.feature_extraction"):
+        module = types.ModuleType(name)
+        module.__getattr__ = lambda attr: Anything
+        module.__path__ = []
+        sys.modules[name] = module
+    sys.modules["torchvision.transforms.functional"].InterpolationMode = InterpolationMode
+
+
 def _draw(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
-    """``(scale, offset)`` of a head parameter."""
-    if key.endswith("in_ln.weight"):
+    """``(scale, offset)`` of a parameter: every one of order one in its role."""
+    if key.endswith(("in_ln.weight", "norm1.weight", "norm2.weight", "_norm.weight", "z_proj_ln.weight")):
         return 0.2, 1.0
     if key.endswith(".bias"):
         return 0.1, 0.0
+    if len(shape) != 2 or key == "class_emb.weight":  # tables: class embeddings, positions, fake latent, mask token
+        return 0.5, 0.0
     gain = 0.5 if "adaLN_modulation" in key else 1.0
     return gain / math.sqrt(shape[1]), 0.0
+
+
+def _randomize(module, seed: int):
+    """Draws every parameter of ``module`` (manifest order) and returns the manifest."""
+    import torch
+
+    rs = np.random.RandomState(seed)
+    manifest, state = [], {}
+    for key, tensor in module.state_dict().items():
+        shape = tuple(tensor.shape)
+        scale, offset = _draw(key, shape)
+        w = (rs.standard_normal(shape) * scale + offset).astype(np.float32)
+        manifest.append([key, list(shape), scale, offset, float(np.sum(w, dtype=np.float64))])
+        state[key] = torch.from_numpy(w)
+    module.load_state_dict(state)
+    return manifest
+
+
+def make_mar(mar_repo: str, out: str) -> None:
+    """``mar_tiny.npz`` (see the module docstring)."""
+    _stub_torchvision()
+    import torch
+
+    sys.path.insert(0, os.path.abspath(mar_repo))
+    from models import mar as official  # noqa: E402  (the official module)
+
+    torch.set_grad_enabled(False)
+    # LayerNorm eps 1e-6 as mar_base / mar_large / mar_huge build it (MAR's own default is torch's 1e-5).
+    norm = functools.partial(torch.nn.LayerNorm, eps=1e-6)
+    model = official.MAR(**MAR_CONFIG, norm_layer=norm).float().eval()
+    manifest = _randomize(model, MAR_INPUTS["seed"])
+    ins = np.random.RandomState(MAR_INPUTS["seed"] + 1)
+    b, c = MAR_INPUTS["batch"], MAR_CONFIG["vae_embed_dim"]
+    side = MAR_CONFIG["img_size"] // MAR_CONFIG["vae_stride"]
+    latents = ins.standard_normal((b, c, side, side)).astype(np.float32)  # NCHW, as MAR reads them
+    length = side * side
+    mask = np.zeros((b, length), np.float32)
+    for row in range(b):
+        mask[row, ins.permutation(length)[: MAR_INPUTS["masked"]]] = 1.0
+    mul = MAR_CONFIG["diffusion_batch_mul"]
+    t = ins.randint(0, 1000, b * length * mul).astype(np.int64)
+    noise = ins.standard_normal((b * length * mul, c)).astype(np.float32)
+
+    T = torch.from_numpy
+    labels = torch.tensor([max(v, 0) for v in MAR_INPUTS["labels"]])
+    cls = model.class_emb(labels)
+    cls[torch.tensor(MAR_INPUTS["labels"]) < 0] = model.fake_latent[0]
+    x = model.patchify(T(latents))
+    z = model.forward_mae_decoder(model.forward_mae_encoder(x, T(mask), cls), T(mask))
+    target = x.reshape(b * length, -1).repeat(mul, 1)
+    terms = model.diffloss.train_diffusion.training_losses(model.diffloss.net, target, T(t),
+                                                           dict(c=z.reshape(b * length, -1).repeat(mul, 1)),
+                                                           noise=T(noise))
+    flat_mask = T(mask).reshape(-1).repeat(mul)
+    loss = float((terms["loss"] * flat_mask).sum() / flat_mask.sum())
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    np.savez_compressed(
+        out, manifest=json.dumps({"config": MAR_CONFIG, "inputs": MAR_INPUTS, "params": manifest}),
+        latents=latents, mask=mask, t=t, noise=noise, tokens=x.numpy(), z=z.numpy(), loss=np.float32(loss),
+        row_loss=terms["loss"].numpy(),
+    )
+    print(f"wrote {out} ({os.path.getsize(out)} bytes): {sum(int(np.prod(e[1])) for e in manifest)} parameters, "
+          f"loss {loss:.6f}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mar-repo", required=True, help="a checkout of https://github.com/LTH14/mar")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--mar-out", default=DEFAULT_MAR_OUT)
     args = parser.parse_args(argv)
-    diffloss = _import_official(args.mar_repo)
+    make_diffloss(args.mar_repo, args.out)
+    make_mar(args.mar_repo, args.mar_out)
+
+
+def make_diffloss(mar_repo: str, out_path: str) -> None:
+    """``diffloss_tiny.npz`` (see the module docstring)."""
+    diffloss = _import_official(mar_repo)
     import torch
 
     torch.set_grad_enabled(False)
@@ -79,15 +205,7 @@ def main(argv=None) -> None:
     model = diffloss.DiffLoss(cfg["target_channels"], cfg["z_channels"], cfg["depth"], cfg["width"],
                               cfg["num_sampling_steps"]).float().eval()
     net = model.net
-    rs = np.random.RandomState(cfg["seed"])
-    manifest, state = [], {}
-    for key, tensor in net.state_dict().items():
-        shape = tuple(tensor.shape)
-        scale, offset = _draw(key, shape)
-        w = (rs.standard_normal(shape) * scale + offset).astype(np.float32)
-        manifest.append([key, list(shape), scale, offset, float(np.sum(w, dtype=np.float64))])
-        state[key] = torch.from_numpy(w)
-    net.load_state_dict(state)
+    manifest = _randomize(net, cfg["seed"])
 
     c, n, s = cfg["target_channels"], cfg["rows"], cfg["samples"]
     ins = np.random.RandomState(cfg["seed"] + 1)
@@ -134,9 +252,9 @@ def main(argv=None) -> None:
                                                               cfg_scale=cfg["cfg"]), step_noise_cfg)[:, :s]
     sample, sample_cfg = traj[-1], traj_cfg[-1]
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
     np.savez_compressed(
-        args.out,
+        out_path,
         manifest=json.dumps({"config": cfg, "seed": cfg["seed"], "params": manifest,
                              "timestep_map": [int(v) for v in model.gen_diffusion.timestep_map]}),
         x=x, target=target, z=z, noise=noise, t=t, mask=mask, z_cond=z_cond, z_uncond=z_uncond, x_T=x_T,
@@ -144,7 +262,7 @@ def main(argv=None) -> None:
         head_out=head_out, mse=terms["mse"].numpy(), vb=terms["vb"].numpy(), loss=loss.numpy(),
         masked_loss=np.float32(masked_loss), sample=sample, sample_cfg=sample_cfg, traj=traj, traj_cfg=traj_cfg,
     )
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes): loss {masked_loss:.6f}, "
+    print(f"wrote {out_path} ({os.path.getsize(out_path)} bytes): loss {masked_loss:.6f}, "
           f"sample max |x| {np.abs(sample).max():.3g}, cfg sample max |x| {np.abs(sample_cfg).max():.3g}")
 
 
