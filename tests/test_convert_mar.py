@@ -181,3 +181,37 @@ def test_mar_manifest_refusals(mar_fx):
         convert_mar.inspect_mar({k: v for k, v in state.items() if k != "z_proj.weight"}, **heads)
     with pytest.raises(ValueError, match=re.escape("has 1 key MAR does not have (first 'ema')")):
         convert_mar.inspect_mar({**state, "ema": np.ones(1)}, **heads)
+
+
+@pytest.mark.parametrize("run", ["linear", "constant", "plain"])
+def test_mar_sampler_iterations_match(mar_fx, run, monkeypatch):
+    """MAR's ``sample_tokens`` and vqgen's sampler over the same orders, with the diffusion draw
+    replaced on both sides by the same deterministic function of the conditions, guidance scale
+    and temperature: the tokens predicted at each iteration, their conditions (the guided batch
+    included), MAR's guidance ramp and the writes agree."""
+    cfg, state = mar_fx["manifest"]["config"], mar_fx["state"]
+    kw = {
+        "linear": dict(labels=(1, 4, 0), num_iter=5, cfg=2.0, cfg_schedule="linear", temperature=0.5),
+        "constant": dict(labels=(3, 2, 2), num_iter=16, cfg=3.0, cfg_schedule="constant", temperature=0.0),
+        "plain": dict(labels=None, num_iter=4, cfg=1.0, cfg_schedule="linear", temperature=1.0),
+    }[run]  # tools/make_mar_fixture.py SAMPLE_RUNS
+    info = convert_mar.inspect_mar(state, encoder_heads=cfg["encoder_num_heads"],
+                                   decoder_heads=cfg["decoder_num_heads"])
+    model = info.module()
+    params = jax.tree.map(jnp.asarray, convert_mar.convert_mar(state, info))
+    c = model.token_dim
+
+    def stand_in(head, params, z, rng, *, num_steps, temperature, cfg_scale=1.0, z_uncond=None):
+        if z_uncond is None:
+            return z[:, :c] + temperature
+        return z[:, :c] + cfg_scale * (z[:, c:2 * c] - z_uncond[:, c:2 * c]) + temperature
+
+    monkeypatch.setattr(mar_lib.dl, "p_sample_loop", stand_in)
+    b = mar_fx["orders"].shape[0]
+    labels = jnp.full((b,), model.num_classes) if kw["labels"] is None else jnp.asarray(kw["labels"])
+    opts = mar_lib.SamplerOptions(num_iter=kw["num_iter"], cfg_scale=kw["cfg"], cfg_schedule=kw["cfg_schedule"],
+                                  temperature=kw["temperature"], diffusion_steps=1)
+    fn = jax.jit(mar_lib.sample_tokens, static_argnames=("model", "opts", "return_steps"))  # a fresh cache
+    tokens = fn(model, params, labels, jax.random.key(0), opts, False, jnp.asarray(mar_fx["orders"]))
+    want = mar_lib.patchify(jnp.asarray(mar_fx[f"sample_{run}"].transpose(0, 2, 3, 1)))
+    _close(tokens, want)

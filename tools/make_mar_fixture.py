@@ -15,7 +15,12 @@ heads, decoder width 24 with 1 block and 2 heads, 5 classes, 2 buffer tokens, a 
 width 16, ``diffusion_batch_mul=2``, LayerNorm eps 1e-6 (as the released variants), in eval mode (no dropout, no label drop). It holds the
 decoder output ``z`` of ``forward_mae_encoder`` + ``forward_mae_decoder`` for given latents, class
 embeddings (the last row ``fake_latent``) and a mask with 12 of 16 tokens masked per row, and the
-loss of ``forward_loss`` with its timesteps and noise fixed (``t``, ``noise`` over the tiled rows).
+loss of ``forward_loss`` with its timesteps and noise fixed (``t``, ``noise`` over the tiled rows),
+and ``sample_tokens`` outputs (``sample_linear``, ``sample_constant``, ``sample_plain``, NCHW) for
+given ``orders`` with ``DiffLoss.sample`` replaced by a deterministic function of the conditions,
+guidance scale and temperature (see ``stand_in``): the iteration schedule, the tokens predicted
+at each iteration, the guidance batch and ramp and the writes are MAR's, the diffusion draws are
+not (they are checked in ``diffloss_tiny.npz``).
 torchvision, which timm imports for its data transforms only, is replaced by a stub when it does
 not import (it does not beside the CPU torch wheel).
 
@@ -62,6 +67,11 @@ MAR_CONFIG = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32
                   class_num=5, buffer_size=2, diffloss_d=1, diffloss_w=16, num_sampling_steps="10",
                   diffusion_batch_mul=2, mask_ratio_min=0.7)
 MAR_INPUTS = dict(batch=3, labels=(1, 4, -1), masked=12, seed=2)  # label -1: the fake latent
+SAMPLE_RUNS = {  # sample_tokens settings (labels None: MAR's unconditional generation)
+    "linear": dict(labels=(1, 4, 0), num_iter=5, cfg=2.0, cfg_schedule="linear", temperature=0.5),
+    "constant": dict(labels=(3, 2, 2), num_iter=16, cfg=3.0, cfg_schedule="constant", temperature=0.0),
+    "plain": dict(labels=None, num_iter=4, cfg=1.0, cfg_schedule="linear", temperature=1.0),
+}
 
 
 def _import_official(mar_repo: str):
@@ -175,11 +185,37 @@ def make_mar(mar_repo: str, out: str) -> None:
                                                            noise=T(noise))
     flat_mask = T(mask).reshape(-1).repeat(mul)
     loss = float((terms["loss"] * flat_mask).sum() / flat_mask.sum())
+
+    # sample_tokens with its orders fixed and DiffLoss.sample replaced by a deterministic stand-in
+    # that reads the conditions (both halves under guidance), the guidance scale and the
+    # temperature, so the iteration bookkeeping (masks, guidance ramp, writes) is what is compared.
+    orders = np.stack([ins.permutation(length) for _ in range(b)]).astype(np.int64)
+    model.sample_orders = lambda bsz: T(orders)
+
+    def stand_in(zz, temperature, cfg):
+        if cfg == 1.0:
+            return zz[:, :c] + temperature
+        half = zz.shape[0] // 2
+        out = zz[:half, :c] + cfg * (zz[:half, c:2 * c] - zz[half:, c:2 * c]) + temperature
+        return torch.cat([out, out])
+
+    model.diffloss.sample = stand_in
+    real_cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # MAR's sampler moves every tensor to the GPU
+    samples = {}
+    try:
+        for name, kw in SAMPLE_RUNS.items():
+            labels_gen = None if kw["labels"] is None else torch.tensor(kw["labels"])
+            drawn = model.sample_tokens(bsz=b, num_iter=kw["num_iter"], cfg=kw["cfg"], cfg_schedule=kw["cfg_schedule"],
+                                        labels=labels_gen, temperature=kw["temperature"])
+            samples[f"sample_{name}"] = drawn.numpy()  # [B, C, h, w]
+    finally:
+        torch.Tensor.cuda = real_cuda
     os.makedirs(os.path.dirname(out), exist_ok=True)
     np.savez_compressed(
         out, manifest=json.dumps({"config": MAR_CONFIG, "inputs": MAR_INPUTS, "params": manifest}),
         latents=latents, mask=mask, t=t, noise=noise, tokens=x.numpy(), z=z.numpy(), loss=np.float32(loss),
-        row_loss=terms["loss"].numpy(),
+        row_loss=terms["loss"].numpy(), orders=orders, **samples,
     )
     print(f"wrote {out} ({os.path.getsize(out)} bytes): {sum(int(np.prod(e[1])) for e in manifest)} parameters, "
           f"loss {loss:.6f}")

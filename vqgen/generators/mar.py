@@ -549,12 +549,13 @@ class _IterState:
 
 
 def sample_tokens(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, opts: SamplerOptions,
-                  return_steps: bool = False):
+                  return_steps: bool = False, orders: jax.Array | None = None):
     """Un-jitted body of :func:`sample` (pure; ``model``, ``opts`` and ``return_steps`` static).
 
     Returns ``tokens [B, L, D]`` float32, with ``return_steps`` also ``step_of [B, L]`` int32
-    (the iteration at which each token was generated). The orders are drawn from one split of
-    ``rng``; iteration ``t`` samples the diffusion head with ``fold_in(key, t)`` of the other.
+    (the iteration at which each token was generated). The orders (``[B, L]`` permutations; the
+    last positions of an order are generated first) are drawn from one split of ``rng`` unless
+    given; iteration ``t`` samples the diffusion head with ``fold_in(key, t)`` of the other.
     """
     params = nn.meta.unbox(params)
     b, length, d = labels.shape[0], model.seq_len, model.token_dim
@@ -563,7 +564,7 @@ def sample_tokens(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, op
     width = int(np.max(masked_np[:-1] - masked_np[1:]))  # the most tokens one iteration predicts
     masked, guide = jnp.asarray(masked_np), jnp.asarray(guide_np)
     order_key, loop_key = jax.random.split(rng)
-    orders = random_orders(order_key, b, length)  # [B, L]
+    orders = random_orders(order_key, b, length) if orders is None else orders.astype(jnp.int32)  # [B, L]
     rank = jnp.argsort(orders, axis=-1)  # [B, L]
     labels = labels.astype(jnp.int32)
     cond = jnp.concatenate([labels, jnp.full_like(labels, model.null_class)]) if opts.uses_cfg else labels  # [B']
@@ -607,16 +608,24 @@ _sample_jit = jax.jit(sample_tokens, static_argnames=("model", "opts", "return_s
 
 
 def sample(model: MAR, params: Any, labels: Any, rng: jax.Array, opts: SamplerOptions = SamplerOptions(), *,
-           return_steps: bool = False):
+           return_steps: bool = False, orders: Any = None):
     """Samples continuous tokens ``float32 [B, L, D]`` for class ids ``labels [B]`` (``num_classes``:
     unconditional); :func:`unpatchify` turns them into the tokenizer's latent map.
 
     One jitted ``lax.fori_loop`` over MAR's iterations with the diffusion sampler's loop inside,
-    ``model`` and ``opts`` static: one compile per model, options and batch size. Raises
-    ``ValueError`` for class ids out of range and ``num_iter`` outside ``[1, L]``.
+    ``model`` and ``opts`` static: one compile per model, options and batch size. ``orders``
+    (``[B, L]`` permutations of the positions, e.g. raster order) replaces the random generation
+    orders. Raises ``ValueError`` for class ids out of range, ``num_iter`` outside ``[1, L]`` and
+    orders that are not ``[B, L]``.
     """
     _check_sample_args(model, labels, opts)
-    return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, opts, return_steps)
+    if orders is not None:
+        orders = jnp.asarray(orders, jnp.int32)
+        want = (np.shape(labels)[0], model.seq_len)
+        if orders.shape != want:
+            raise ValueError(f"orders of shape {tuple(orders.shape)} must be [B, L] = {want}; pass one permutation "
+                             "of the positions per sample.")
+    return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, opts, return_steps, orders)
 
 
 # ------------------------------------------------------------------ family adapter (trainers)
