@@ -153,6 +153,18 @@ def test_workdir_that_is_a_file_or_read_only(tmp_path):
     assert not os.path.exists("/sys/vqgen-run")
 
 
+def test_files_the_run_reads_are_checked_before_config_json_is_written(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")  # an earlier run's: a refused run must not replace it
+    lpips = _config(tokenizer_train__perceptual_weight=1.0, tokenizer_train__lpips_path=str(tmp_path / "no.npz"))
+    with pytest.raises(FileNotFoundError, match=r"LPIPS weights file .*no.npz' \(tokenizer_train.lpips_path\) does"):
+        run_lib.validate(lpips, str(workdir), ("train_tokenizer",))
+    with pytest.raises(FileNotFoundError, match="no samples at .*samples.npz; run --mode=sample first"):
+        run_lib.validate(_config(), str(workdir), ("evaluate",))
+    assert _snapshot(workdir) == {"config.json": b"{}"}
+
+
 def test_a_gs_workdir_without_gcsfs_names_the_package(tmp_path):
     """gcsfs missing (an import that fails, as on a machine without it): one sentence, exit 2."""
     blocker = tmp_path / "no_gcsfs"

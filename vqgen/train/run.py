@@ -100,7 +100,23 @@ def validate(config, workdir: str, phases: tuple[str, ...]) -> None:
                 ckpt.close()
     if set(phases) & {"train_tokenizer", "train_generator"}:
         check_data(config)
+    check_inputs(config, workdir, phases)
     check_workdir(workdir, write=True)  # last: a refused run leaves no new folder behind
+
+
+def check_inputs(config, workdir: str, phases: tuple[str, ...]) -> None:
+    """Files the run will read that must already exist: the LPIPS weights of a perceptual loss, the
+    samples that ``--mode=evaluate`` scores."""
+    tc = config.get("tokenizer_train")
+    if "train_tokenizer" in phases and tc is not None and tc.perceptual_weight > 0 and tc.lpips_path:
+        if not fileio.exists(tc.lpips_path):
+            raise FileNotFoundError(
+                f"LPIPS weights file {tc.lpips_path!r} (tokenizer_train.lpips_path) does not exist; build it from a "
+                "torchvision VGG16 state dict with `python -m vqgen.convert.lpips --vgg16 VGG16_STATE_DICT.pth "
+                "--out lpips_vgg.npz`.")
+    samples = fileio.join(workdir, "samples", "samples.npz")
+    if "evaluate" in phases and "sample" not in phases and not fileio.exists(samples):
+        raise FileNotFoundError(f"no samples at {samples}; run --mode=sample first.")
 
 
 def write_config(config, workdir: str) -> None:
