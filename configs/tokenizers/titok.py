@@ -27,9 +27,14 @@ the structure). Variants:
   perceptual 1.1, GAN 0.1 from step 200,000, LeCam 0.001, 10,000 warm-up steps, 650,000 steps),
   on ImageNet instead of DataComp.
 ``quickstart``
-  A CPU-sized single-stage TiTok for the embedded 32x32 MNIST digits: 4x4 patches (an 8x8
-  grid), 32 latent tokens of a 256 x 8 l2-normalised codebook, width 128, 4 blocks in each of
-  encoder and decoder (1,624,994 parameters).
+  A CPU-sized single-stage TiTok for the embedded 32x32 MNIST digits: 8x8 patches (a 4x4
+  grid), 32 latent tokens of a 256 x 8 l2-normalised codebook with dead-code restarts, width
+  128, 4 blocks in each of encoder and decoder (1,625,042 parameters), L2 loss at learning rate
+  2e-3. Measured on this project's 2-core CPU: 600 steps (12 minutes) reach a held-out PSNR of
+  only 13.0 dB with 79% of the codes in use. Transformer tokenizers of this width learn slowly
+  from TiTok's initialisation (the same encoder and decoder without quantisation reach an L2
+  error of 0.14 after 1,500 steps, where a linear patch autoencoder reaches 0.026 in 150), so
+  this variant is a smoke run, not yet a quickstart of digit quality.
 
 Deviations: the official perceptual loss adds a ConvNeXt-S term to LPIPS (stage 2 uses
 ConvNeXt-S alone); vqgen's perceptual loss is LPIPS, so its weight stands for both. The official
@@ -65,11 +70,12 @@ def tokenizer_section(variant: str = "L-32") -> ml_collections.ConfigDict:
     if variant == "quickstart":
         small = dict(width=128, depth=4, heads=4, mlp_dim=512)
         return ml_collections.ConfigDict(dict(
-            arch="titok", image_size=32, patch_size=4, num_latent_tokens=32, token_size=8,
+            arch="titok", image_size=32, patch_size=8, num_latent_tokens=32, token_size=8,
             **_stack("enc", small), **_stack("dec", small), decoder_head="pixels", legacy_token_layout=False,
             freeze_encoder=False, dtype="float32",
             quantizer=ml_collections.ConfigDict(dict(
-                type="vq", codebook_size=256, l2_normalize=True, beta=0.25, entropy_loss_weight=0.0)),
+                type="vq", codebook_size=256, l2_normalize=True, beta=0.25, entropy_loss_weight=0.0,
+                dead_code_threshold=0.5)),
         ))
     enc, dec, tokens, token_size, codes, l2, two_stage = _PAPER[variant]
     return ml_collections.ConfigDict(dict(
@@ -86,8 +92,8 @@ def tokenizer_train_section(variant: str = "L-32") -> ml_collections.ConfigDict:
     """The ``config.tokenizer_train`` of the official recipe of ``variant`` (see the module docstring)."""
     if variant == "quickstart":
         return config_lib.tokenizer_train_config(
-            num_steps=600, batch_size=32, lr=5e-4, warmup_steps=50, weight_decay=1e-4, b1=0.9, b2=0.99,
-            ema_decay=0.99, l1_weight=1.0, log_every=50, save_every=200, image_every=300,
+            num_steps=600, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=1e-4, b1=0.9, b2=0.99,
+            ema_decay=0.99, l1_weight=0.0, l2_weight=1.0, log_every=50, save_every=200, image_every=300,
             disc=config_lib.disc_config(type="none"))
     common = dict(batch_size=256, lr=1e-4, schedule="cosine", weight_decay=1e-4, b1=0.9, b2=0.999, grad_clip=1.0,
                   ema_decay=0.9999, l1_weight=0.0, l2_weight=1.0, log_every=100, save_every=5000, keep=3,
