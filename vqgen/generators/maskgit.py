@@ -298,8 +298,9 @@ class MaskGITTransformer(nn.Module):
 # ------------------------------------------------------------------------------ family API
 
 
-def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, int]) -> MaskGITTransformer:
-    """``config.generator`` (as a plain dict) -> :class:`MaskGITTransformer` over ``grid`` tokens.
+def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]) -> MaskGITTransformer:
+    """``config.generator`` (as a plain dict) -> :class:`MaskGITTransformer` over ``grid`` tokens
+    (``(h, w)``, or a 1-D ``(n,)`` such as TiTok's latent tokens: positions are learned per token).
 
     Keys: ``width, depth, num_heads, mlp_dim, dropout, class_dropout_prob, label_smoothing,
     mask_schedule, dtype`` (``'float32'``/``'bfloat16'``), optional ``tie_embeddings``;
@@ -314,7 +315,7 @@ def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, int]
     if unknown:
         raise ValueError(f"unknown maskgit generator keys {unknown}; valid keys are {sorted(fields - {'dtype'})}.")
     mask_schedules.check_schedule(kw.get("mask_schedule", "cosine"))
-    seq_len = int(grid[0]) * int(grid[1])
+    seq_len = int(np.prod([int(g) for g in grid]))
     return MaskGITTransformer(
         codebook_size=int(vocab_size), num_classes=int(num_classes), seq_len=seq_len, dtype=DTYPES[dtype_name], **kw
     )
