@@ -315,10 +315,11 @@ def test_twenty_random_sigkills_of_a_tokenizer_and_generator_run(tmp_path):
     config = _config(tokenizer_train__num_steps=12, tokenizer_train__save_every=3, tokenizer_train__log_every=3,
                      generator_train__num_steps=12, generator_train__save_every=3, generator_train__log_every=3)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    t0 = time.time()
+    span = {}
     for mode in ("train_tokenizer", "train_generator"):
+        t0 = time.time()
         subprocess.run(_cli(straight, mode, *overrides), check=True, env=_env(), capture_output=True)
-    span = time.time() - t0
+        span[mode] = time.time() - t0
     rng = random.Random(14)
     kills, mode_index, modes = [], 0, ("train_tokenizer", "train_generator")
     while len(kills) < 20:
@@ -330,7 +331,7 @@ def test_twenty_random_sigkills_of_a_tokenizer_and_generator_run(tmp_path):
             _wait_for_checkpoint_write(killed / "checkpoints" / phase, proc)
             how = "during a checkpoint write"
         else:
-            delay = rng.uniform(2.0, span / 2)
+            delay = rng.uniform(0.3, 0.95) * span[mode]  # from start-up to the last steps
             t_start = time.time()
             while proc.poll() is None and time.time() - t_start < delay:
                 time.sleep(0.01)
