@@ -60,9 +60,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,6 +70,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vqgen.convert.conv_blocks import (conv_keys, conv_params, count_indices, norm_keys, norm_params,
+                                       resnet_keys, resnet_params)
 from vqgen.convert.workdir import (
     ConversionError,
     check_keys,
@@ -133,29 +135,11 @@ class VARInfo:
 # --------------------------------------------------------------------------------- VQ-VAE
 
 
-def _conv(out: dict, key: str, cout: int, cin: int, k: int) -> None:
-    out[f"{key}.weight"] = (cout, cin, k, k)
-    out[f"{key}.bias"] = (cout,)
-
-
-def _norm(out: dict, key: str, c: int) -> None:
-    out[f"{key}.weight"] = (c,)
-    out[f"{key}.bias"] = (c,)
-
-
-def _resnet(out: dict, key: str, cin: int, cout: int) -> None:
-    _norm(out, f"{key}.norm1", cin)
-    _conv(out, f"{key}.conv1", cout, cin, 3)
-    _norm(out, f"{key}.norm2", cout)
-    _conv(out, f"{key}.conv2", cout, cout, 3)
-    if cin != cout:
-        _conv(out, f"{key}.nin_shortcut", cout, cin, 1)
-
-
 def _attn(out: dict, key: str, c: int) -> None:
-    _norm(out, f"{key}.norm", c)
-    _conv(out, f"{key}.qkv", 3 * c, c, 1)
-    _conv(out, f"{key}.proj_out", c, c, 1)
+    """VAR's AttnBlock: taming's with ``q``, ``k``, ``v`` fused into one 1x1 ``qkv`` conv."""
+    norm_keys(out, f"{key}.norm", c)
+    conv_keys(out, f"{key}.qkv", 3 * c, c, 1)
+    conv_keys(out, f"{key}.proj_out", c, c, 1)
 
 
 def vae_manifest(info: VAEInfo) -> dict[str, tuple[int, ...]]:
@@ -163,40 +147,40 @@ def vae_manifest(info: VAEInfo) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     ch, mult, nrb, z = info.ch, info.ch_mult, info.num_res_blocks, info.z_channels
     last = len(mult) - 1
-    _conv(out, "encoder.conv_in", ch, info.in_channels, 3)
+    conv_keys(out, "encoder.conv_in", ch, info.in_channels, 3)
     cin = ch
     for i, m in enumerate(mult):
         for j in range(nrb):
-            _resnet(out, f"encoder.down.{i}.block.{j}", cin, ch * m)
+            resnet_keys(out, f"encoder.down.{i}.block.{j}", cin, ch * m)
             cin = ch * m
             if i == last:
                 _attn(out, f"encoder.down.{i}.attn.{j}", cin)
         if i != last:
-            _conv(out, f"encoder.down.{i}.downsample.conv", cin, cin, 3)
+            conv_keys(out, f"encoder.down.{i}.downsample.conv", cin, cin, 3)
     for part in ("encoder", "decoder"):
         top = ch * mult[-1]
-        _resnet(out, f"{part}.mid.block_1", top, top)
+        resnet_keys(out, f"{part}.mid.block_1", top, top)
         _attn(out, f"{part}.mid.attn_1", top)
-        _resnet(out, f"{part}.mid.block_2", top, top)
-    _norm(out, "encoder.norm_out", cin)
-    _conv(out, "encoder.conv_out", z, cin, 3)
-    _conv(out, "decoder.conv_in", cin, z, 3)
+        resnet_keys(out, f"{part}.mid.block_2", top, top)
+    norm_keys(out, "encoder.norm_out", cin)
+    conv_keys(out, "encoder.conv_out", z, cin, 3)
+    conv_keys(out, "decoder.conv_in", cin, z, 3)
     for i in reversed(range(len(mult))):
         for j in range(nrb + 1):
-            _resnet(out, f"decoder.up.{i}.block.{j}", cin, ch * mult[i])
+            resnet_keys(out, f"decoder.up.{i}.block.{j}", cin, ch * mult[i])
             cin = ch * mult[i]
             if i == last:
                 _attn(out, f"decoder.up.{i}.attn.{j}", cin)
         if i != 0:
-            _conv(out, f"decoder.up.{i}.upsample.conv", cin, cin, 3)
-    _norm(out, "decoder.norm_out", cin)
-    _conv(out, "decoder.conv_out", info.in_channels, cin, 3)
+            conv_keys(out, f"decoder.up.{i}.upsample.conv", cin, cin, 3)
+    norm_keys(out, "decoder.norm_out", cin)
+    conv_keys(out, "decoder.conv_out", info.in_channels, cin, 3)
     k = info.quant_conv_kernel
-    _conv(out, "quant_conv", z, z, k)
-    _conv(out, "post_quant_conv", z, z, k)
+    conv_keys(out, "quant_conv", z, z, k)
+    conv_keys(out, "post_quant_conv", z, z, k)
     out["quantize.embedding.weight"] = (info.vocab_size, z)
     for key in _phi_keys(info):
-        _conv(out, key, z, z, 3)
+        conv_keys(out, key, z, z, 3)
     return out
 
 
@@ -210,14 +194,8 @@ def _phi_keys(info: VAEInfo) -> list[str]:
     return []
 
 
-def _count(state: Mapping, pattern: str) -> int:
-    """Number of distinct integers ``{n}`` in keys matching ``pattern`` (a regex with one group)."""
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in state if (m := rx.match(k))})
-
-
 def _var_depth(state: Mapping) -> int:
-    return _count(state, r"^blocks\.(\d+)\.")
+    return count_indices(state, r"^blocks\.(\d+)\.")
 
 
 def _looks_like_var(state: Mapping) -> bool:
@@ -241,22 +219,22 @@ def inspect_vae(state: Mapping[str, np.ndarray], name: str = "the VQ-VAE file") 
         raise ConversionError(f"{name} is not a VAR VQ-VAE state dict: it lacks {', '.join(missing)} "
                               f"(it has {len(state)} keys such as {', '.join(sorted(state)[:3])}).")
     ch, in_channels = state["encoder.conv_in.weight"].shape[:2]
-    levels = _count(state, r"^encoder\.down\.(\d+)\.")
+    levels = count_indices(state, r"^encoder\.down\.(\d+)\.")
     ch_mult = []
     for i in range(levels):
         key = f"encoder.down.{i}.block.0.conv1.weight"
         width = state[key].shape[0] if key in state else ch
         ch_mult.append(max(int(width) // int(ch), 1))
     if "quantize.quant_resi.qresi_ls.0.weight" in state:
-        style, count = "partial", _count(state, r"^quantize\.quant_resi\.qresi_ls\.(\d+)\.")
+        style, count = "partial", count_indices(state, r"^quantize\.quant_resi\.qresi_ls\.(\d+)\.")
     elif "quantize.quant_resi.qresi.weight" in state:
         style, count = "shared", 1
     elif "quantize.quant_resi.0.weight" in state:
-        style, count = "each", _count(state, r"^quantize\.quant_resi\.(\d+)\.")
+        style, count = "each", count_indices(state, r"^quantize\.quant_resi\.(\d+)\.")
     else:
         style, count = "none", 0
     info = VAEInfo(
-        ch=int(ch), ch_mult=tuple(ch_mult), num_res_blocks=_count(state, r"^encoder\.down\.0\.block\.(\d+)\."),
+        ch=int(ch), ch_mult=tuple(ch_mult), num_res_blocks=count_indices(state, r"^encoder\.down\.0\.block\.(\d+)\."),
         in_channels=int(in_channels), z_channels=int(state["encoder.conv_out.weight"].shape[0]),
         vocab_size=int(state["quantize.embedding.weight"].shape[0]),
         quant_conv_kernel=int(state["quant_conv.weight"].shape[-1]), phi_style=style, phi_count=count)
@@ -268,20 +246,11 @@ def convert_vae(state: Mapping[str, np.ndarray], info: VAEInfo) -> dict:
     """The VQ-VAE's weights as the params of the :class:`~vqgen.tokenizers.vqgan.VQGAN` the config
     builds (nested dict of float32 arrays)."""
 
-    def conv(key):
-        return {"kernel": oihw_to_hwio(state[f"{key}.weight"]), "bias": state[f"{key}.bias"]}
+    conv = functools.partial(conv_params, state)
+    norm = functools.partial(norm_params, state)
+    resnet = functools.partial(resnet_params, state)
 
-    def norm(key):
-        return {"scale": state[f"{key}.weight"], "bias": state[f"{key}.bias"]}
-
-    def resnet(key):
-        out = {"norm1": norm(f"{key}.norm1"), "conv1": conv(f"{key}.conv1"), "norm2": norm(f"{key}.norm2"),
-               "conv2": conv(f"{key}.conv2")}
-        if f"{key}.nin_shortcut.weight" in state:
-            out["nin_shortcut"] = conv(f"{key}.nin_shortcut")
-        return out
-
-    def attn(key):
+    def attn(key):  # the fused qkv conv split into taming's q, k, v
         w, b = state[f"{key}.qkv.weight"], state[f"{key}.qkv.bias"]  # [3C, C, 1, 1], [3C]
         c = w.shape[0] // 3
         out = {"norm": norm(f"{key}.norm"), "proj_out": conv(f"{key}.proj_out")}
