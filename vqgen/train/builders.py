@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vqgen.generators import var
 from vqgen.losses import adversarial
 from vqgen.train.common import dtype_from_name
 
@@ -147,12 +148,9 @@ def flat_indices(indices: Any) -> jax.Array:
 
 
 def split_pyramid(tokens: jax.Array, scales: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """``[B, L]`` token pyramid -> a tuple of ``[B, s, s]`` maps (the inverse of :func:`flat_indices`)."""
-    out, start = [], 0
-    for s in scales:
-        out.append(tokens[:, start:start + s * s].reshape(tokens.shape[0], s, s))
-        start += s * s
-    return tuple(out)
+    """``[B, L]`` token pyramid -> a tuple of ``[B, s, s]`` maps (the inverse of :func:`flat_indices`;
+    VAR's :func:`~vqgen.generators.var.split_scales`)."""
+    return var.split_scales(tokens, scales)
 
 
 @functools.lru_cache(maxsize=64)
