@@ -41,7 +41,14 @@ setuptools.setup(
             "gcp-storage-emulator>=2024.8",
             # CPU wheel, used only by the reference checks against PyTorch implementations.
             "torch==2.13.0",
+            # tests/test_notebooks.py runs every notebook under notebooks/ top to bottom
+            "nbclient>=0.10,<0.12",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+            "matplotlib>=3.8,<4",
         ],
+        # the plots of the notebooks under notebooks/
+        "notebooks": ["matplotlib>=3.8,<4"],
     },
     entry_points={"console_scripts": ["vqgen=vqgen.main:run"]},
 )
