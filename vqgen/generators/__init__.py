@@ -1,6 +1,6 @@
 """vqgen.generators: the generator families and the protocol through which they plug in.
 
-A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``, ``var.py``) listed in :data:`FAMILIES`
+A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``, ``var.py``, ``mar.py``) listed in :data:`FAMILIES`
 under the name that ``config.generator.arch`` uses. Training, sampling, ahead-of-time compilation
 and the Python API reach a family only through these module-level names:
 
@@ -42,8 +42,36 @@ optional ``USES_QUANTIZER = True`` with ``quantizer_codec(quantizer) -> codec``
     phase, never trained) and ``codec`` the static value ``quantizer_codec`` makes of the
     tokenizer's quantizer module.
 
-Every family today consumes discrete token ids from a tokenizer with a codebook; the token spec
-of a config (grid, vocabulary, image or video, scales) is :func:`vqgen.train.builders.token_spec`.
+optional ``INPUT_KIND``: what the family models, one of :data:`INPUT_KINDS` (read it with
+:func:`input_kind`):
+
+``"tokens"`` (the default when absent)
+    Discrete code ids of a tokenizer with a codebook, as described above (GPT, MaskGIT, MAGVIT,
+    VAR). A continuous (KL) tokenizer under such a family is refused.
+``"latents"``
+    The continuous latents of a KL tokenizer (``tokenizer.arch='kl'``; MAR).
+    ``build(cfg, *, num_classes, grid=(h, w), latent_dim=C)`` over the tokenizer's latent map;
+    ``batch = {'latents': float32 [B, h, w, C], 'label': int32 [B]}``: the latent map, channels
+    last as the tokenizer's ``encode`` lays it out, drawn from the tokenizer's posterior afresh
+    for every batch (MAR's recipe; the latent cache keeps the posterior's mean and log-variance)
+    and multiplied by the tokenizer's ``scale_factor`` (0.2325 for MAR's KL-16), so the family
+    sees values of roughly unit variance. ``sample(...) -> float32 [B, h, w, C]``: latents in the
+    same scaled layout; the trainer divides them by ``scale_factor`` and decodes them with the
+    tokenizer. A discrete tokenizer under such a family is refused, and so is a KL tokenizer of
+    another latent width than a converted generator was built for.
+``"pixels"``
+    The images themselves, with no tokenizer (FractalMAR). ``build(cfg, *, num_classes,
+    grid=(H, W), channels=C)`` from ``config.data``; ``batch = {'images': float32 [B, H, W, C] in
+    [-1, 1], 'label': int32 [B]}`` straight from the data pipeline of ``config.data`` (its
+    random crop and flip), ``generator_train.batch_size`` examples per step;
+    ``sample(...) -> float32 [B, H, W, C]``: images in [-1, 1], used as they are (no decode).
+    The config needs no ``tokenizer``/``tokenizer_train`` sections (present ones are not used):
+    ``--mode=all`` runs the generator phase, sampling and evaluation, and
+    ``--mode=train_tokenizer`` is refused with a sentence.
+
+The spec of what the generator phase reads (grid, vocabulary or latent width and scale, image
+or video, scales, kind) is :func:`vqgen.train.builders.input_spec`; for the tokenizer-backed kinds
+it is :func:`vqgen.train.builders.token_spec` of the tokenizer config.
 """
 from __future__ import annotations
 
@@ -56,7 +84,11 @@ FAMILIES = {
     "maskgit": "vqgen.generators.maskgit",
     "magvit": "vqgen.generators.magvit",
     "var": "vqgen.generators.var",
+    "mar": "vqgen.generators.mar",
 }
+
+# The values of a family's optional INPUT_KIND (see the module docstring); absent means "tokens".
+INPUT_KINDS = ("tokens", "latents", "pixels")
 
 
 def family(arch: str) -> ModuleType:
@@ -74,6 +106,14 @@ def token_pyramid(module: ModuleType) -> bool:
 def uses_quantizer(module: ModuleType) -> bool:
     """Whether a family reads the tokenizer's quantizer parameters (``USES_QUANTIZER``)."""
     return bool(getattr(module, "USES_QUANTIZER", False))
+
+
+def input_kind(module: ModuleType) -> str:
+    """What a family models (``INPUT_KIND``): ``'tokens'`` (the default), ``'latents'`` or ``'pixels'``."""
+    kind = getattr(module, "INPUT_KIND", "tokens")
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"{module.__name__}.INPUT_KIND={kind!r} is unknown; set it to one of {INPUT_KINDS}.")
+    return kind
 
 
 def has_tasks(module: ModuleType) -> bool:

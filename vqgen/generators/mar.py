@@ -82,10 +82,10 @@ import numpy as np
 from vqgen.generators import diffusion_loss as dl
 from vqgen.generators import sampling
 
-# The generator protocol (vqgen/generators/__init__.py): image tokens, continuous ones (latent
-# patches [B, L, D] instead of code ids).
+# The generator protocol (vqgen/generators/__init__.py): images, modelled as the continuous latent
+# map of a KL tokenizer ([B, h, w, C] batches and samples) instead of code ids.
 VIDEO = False
-CONTINUOUS = True
+INPUT_KIND = "latents"
 
 Dtype = Any
 
