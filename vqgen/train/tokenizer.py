@@ -10,7 +10,8 @@ The step is three parts:
 - :func:`generator_losses`: the tokenizer's forward pass once, returning
   ``(nll + quantizer loss, GAN generator loss)``; ``jax.vjp`` pulls it back with the cotangents
   (1, 0) and (0, 1) to get both gradients, whose norms at the decoder's last layer give VQGAN's
-  adaptive GAN weight;
+  adaptive GAN weight (the layer is the model's ``last_layer`` parameter path where it names
+  one, e.g. TiTok's pixel decoder under proxy codes, else the conv VQGAN's ``LAST_LAYER``);
 - :func:`discriminator_loss`: real images against the stop-gradient reconstructions (hinge or
   non-saturating loss, LeCam and R1 regularisation);
 - :func:`train_step`: combines them and applies the optimisers and the EMA.
@@ -173,7 +174,8 @@ def train_step(state: TokenizerState, batch: dict, rng: jax.Array, lpips_params:
     if disc is not None:
         (g_grads,) = vjp_fn((zero, one))
         factor = adv.gan_start_factor(state.step, lc.disc_start)
-        d_w = (adv.adaptive_weight(_get_path(grads, LAST_LAYER), _get_path(g_grads, LAST_LAYER))
+        last = getattr(model, "last_layer", LAST_LAYER)  # the model's own last layer (ViT, TiTok proxy codes)
+        d_w = (adv.adaptive_weight(_get_path(grads, last), _get_path(g_grads, last))
                if lc.adaptive_weight else one)
         w = lc.disc_weight * factor * d_w
         grads = jax.tree.map(lambda a, b: a + w * b, grads, g_grads)
