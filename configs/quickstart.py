@@ -9,6 +9,12 @@
 ``configs/quickstart.py:var`` is VAR: the same VQGAN with VAR's multi-scale residual quantizer
 (scales 1, 2, 3, 4, 6, 8: a pyramid of 130 tokens per digit, Φ convolutions shared four ways)
 and the next-scale transformer over it, sampled in six steps.
+
+The tokenizer zoo on the same digits: ``configs/quickstart.py:lfq`` swaps the VQ for MAGVIT-v2's
+lookup-free quantizer (10 bits: 1,024 implicit codes, Open-MAGVIT2's bit order and entropy
+smoothing) under the GPT; ``:ibq`` for IBQ (256 codes, every code trained through the softmax)
+under the GPT; ``:titok`` is TiTok's 1D tokenizer (``configs/tokenizers/titok.py:quickstart``,
+32 latent tokens) under MaskGIT.
 """
 import ml_collections
 
@@ -16,9 +22,10 @@ from vqgen import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    generator = arg or "gpt"
-    if generator not in ("gpt", "maskgit", "var"):
-        raise ValueError(f"unknown quickstart variant {generator!r}; use 'gpt', 'maskgit' or 'var'.")
+    variant = arg or "gpt"
+    if variant not in ("gpt", "maskgit", "var", "lfq", "ibq", "titok"):
+        raise ValueError(f"unknown quickstart variant {variant!r}; use 'gpt', 'maskgit', 'var', 'lfq', 'ibq' or 'titok'.")
+    generator = {"lfq": "gpt", "ibq": "gpt", "titok": "maskgit"}.get(variant, variant)
     c = config_lib.base_config()
     c.mode = "all"
     c.tokenizer = ml_collections.ConfigDict(dict(
@@ -36,6 +43,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tokenizer.quantizer = ml_collections.ConfigDict(dict(
             type="msrq", codebook_size=256, scales=(1, 2, 3, 4, 6, 8), beta=0.25, phi_share=4, phi_ratio=0.5,
             l2_normalize=False))
+    if variant == "lfq":
+        c.tokenizer.embed_dim = 10
+        c.tokenizer.quantizer = ml_collections.ConfigDict(dict(
+            type="lfq", dim=10, entropy_loss_weight=0.1, commitment_weight=0.25, codebook_entropy_weight=1.0,
+            entropy_temperature=0.01, num_groups=1, bit_order="lsb", entropy_eps=1e-5))
+    elif variant == "ibq":
+        c.tokenizer.quantizer = ml_collections.ConfigDict(dict(
+            type="ibq", codebook_size=256, beta=0.25, entropy_loss_weight=0.05, entropy_temperature=0.01,
+            codebook_entropy_weight=1.0, entropy_eps=1e-5))
+    elif variant == "titok":
+        titok = config_lib.load_config_module("tokenizers/titok")
+        c.tokenizer = titok.tokenizer_section("quickstart")
+        c.tokenizer_train = titok.tokenizer_train_section("quickstart")
     c.generator = config_lib.generator_config(generator)
     c.generator_train = config_lib.generator_train_config(generator)
     c.sample = config_lib.sample_config(generator)
