@@ -1,6 +1,6 @@
 """A tiny run config for tests: the quickstart structure with toy widths and few steps.
 
-Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit|:var]`` or ``tiny_config.get_config()``.
+Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit|:var|:lfq|:ibq|:titok]`` or ``tiny_config.get_config()``.
 """
 from vqgen import config_lib
 
@@ -9,8 +9,16 @@ def get_config(arg=None):
     c = config_lib.load_config("quickstart", arg)
     c.unlock()
     t = c.tokenizer
-    t.ch, t.ch_mult, t.num_res_blocks, t.z_channels, t.embed_dim, t.norm_groups = 8, (1, 2), 1, 8, 4, 4
-    t.quantizer.codebook_size = 32
+    if arg == "titok":  # 16 latent tokens, one transformer block of width 16 on each side
+        t.enc_width, t.enc_depth, t.enc_heads, t.enc_mlp_dim = 16, 1, 2, 32
+        t.dec_width, t.dec_depth, t.dec_heads, t.dec_mlp_dim = 16, 1, 2, 32
+        t.num_latent_tokens, t.token_size = 16, 4
+    else:
+        t.ch, t.ch_mult, t.num_res_blocks, t.z_channels, t.embed_dim, t.norm_groups = 8, (1, 2), 1, 8, 4, 4
+    if arg == "lfq":
+        t.quantizer.dim = t.embed_dim
+    else:
+        t.quantizer.codebook_size = 32
     if arg == "var":  # an 8x8 grid under the scales 1, 2, 4, 8 (85 tokens)
         t.ch_mult, t.quantizer.scales = (1, 2, 2), (1, 2, 4, 8)
     tt = c.tokenizer_train
