@@ -61,7 +61,7 @@ optional ``INPUT_KIND``: what the family models, one of :data:`INPUT_KINDS` (rea
     another latent width than a converted generator was built for.
 ``"pixels"``
     The images themselves, with no tokenizer (FractalMAR). ``build(cfg, *, num_classes,
-    grid=(H, W), channels=C)`` from ``config.data``; ``batch = {'images': float32 [B, H, W, C] in
+    image_size=(H, W), channels=C)`` from ``config.data``; ``batch = {'images': float32 [B, H, W, C] in
     [-1, 1], 'label': int32 [B]}`` straight from the data pipeline of ``config.data`` (its
     random crop and flip), ``generator_train.batch_size`` examples per step;
     ``sample(...) -> float32 [B, H, W, C]``: images in [-1, 1], used as they are (no decode).
