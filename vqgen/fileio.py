@@ -97,11 +97,20 @@ def save_npz(p: PathLike, **arrays: Any) -> None:
     write_bytes(p, buf.getvalue())
 
 
+def open_npz(p: PathLike, allow_pickle: bool = False) -> Any:
+    """``np.load`` of the ``.npz`` at ``p`` (local or remote), to use as a context manager.
+
+    A local file is read lazily, one array at a time, as ``np.load`` does; a remote one is
+    fetched whole first.
+    """
+    if is_remote(p):
+        return np.load(io.BytesIO(read_bytes(p)), allow_pickle=allow_pickle)
+    return np.load(os.path.expanduser(os.fspath(p)), allow_pickle=allow_pickle)
+
+
 def load_npz(p: PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` at ``p`` (local or remote) as a dict."""
-    with path(p).open("rb") as f:
-        data = f.read()
-    with np.load(io.BytesIO(data), allow_pickle=allow_pickle) as z:
+    with open_npz(p, allow_pickle=allow_pickle) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -22,15 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from vqgen import fileio
 from vqgen.evaluation import metrics
 
 DEFAULT_INCEPTION = os.environ.get("VQGEN_INCEPTION", "~/.cache/vqgen/inception_fid.npz")
 
 
 def _load_npz(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{path} not found; pass an .npz of images (arr_0 or images) or statistics (mu, sigma).")
-    z = np.load(path)
+    z = fileio.open_npz(path)
     files = set(z.files)
     out: dict[str, Any] = {"path": path}
     for key in ("arr_0", "images"):
@@ -79,7 +80,7 @@ def evaluate_files(
     from vqgen import parallel
     from vqgen.evaluation import inception
 
-    params = inception.load_inception_params(os.path.expanduser(inception_path))
+    params = inception.load_inception_params(inception_path)
     mesh = parallel.create_mesh((-1, 1, 1)) if mesh is None else mesh
     if batch_size % parallel.data_parallel_size(mesh):
         batch_size += parallel.data_parallel_size(mesh) - batch_size % parallel.data_parallel_size(mesh)

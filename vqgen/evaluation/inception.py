@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vqgen import parallel
+from vqgen import fileio, parallel
 from vqgen.evaluation import metrics
 
 INPUT_SIZE = 299
@@ -330,9 +330,7 @@ def save_params(path: str, params: Any) -> None:
     """Writes a params tree as an ``.npz`` of ``'a/b/c'`` keys (the format ``load_inception_params`` reads)."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
     check_params(flat)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    fileio.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def load_inception_params(path: str) -> dict[str, Any]:
@@ -342,15 +340,14 @@ def load_inception_params(path: str) -> dict[str, Any]:
     ``FileNotFoundError`` naming the converter when the file is missing and ``ValueError`` when it
     holds another network.
     """
-    path = os.path.expanduser(str(path))
-    if not os.path.exists(path):
+    path = os.fspath(fileio.path(path))
+    if not fileio.exists(path):
         raise FileNotFoundError(f"Inception weights file {path} not found; {CONVERT_HINT}.")
     if path.endswith((".pth", ".pt")):  # converting needs torch, which evaluation never imports
         raise ValueError(f"{path} is a PyTorch weights file; convert it once with "
                          f"`python -m vqgen.convert.inception {path} inception.npz` and pass the .npz.")
     try:
-        with np.load(path) as z:
-            flat = {k: np.asarray(z[k]) for k in z.files}
+        flat = fileio.load_npz(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not an .npz weights file ({e}); {CONVERT_HINT}.") from None
     check_params(flat, source=f"the weights in {path}")

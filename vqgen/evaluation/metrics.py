@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
+
+from vqgen import fileio
 
 # ----------------------------------------------------------------------------------------------
 # Image checks shared by every metric that reads images.
@@ -366,17 +367,15 @@ def save_reference_stats(path: str, acts: Any, images: Any | None = None, save_a
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"reference images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
         out["arr_0"] = images
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, **out)
+    fileio.save_npz(path, **out)
 
 
 def load_reference_stats(path: str) -> dict[str, np.ndarray]:
     """Reads a statistics file in the ADM layout: ``mu``, ``sigma`` and whichever of ``mu_s``,
     ``sigma_s``, ``activations``, ``activations_s`` are present (images in ``arr_0`` are not read)."""
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"reference statistics file {path} not found; write one with save_reference_stats.")
-    with np.load(path) as z:
+    with fileio.open_npz(path) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(
                 f"{path} holds {sorted(z.files)} but no 'mu'/'sigma'; it is not an ADM-style statistics file."

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vqgen import fileio
+
 Dtype = Any
 Array = jax.Array
 
@@ -198,10 +200,7 @@ def save_lpips_params(params: dict[str, Any], path: str) -> None:
     flat = params if any("/" in k for k in params) else flatten_params(params)
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     validate_params(flat, "the converted parameters")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz"
-        np.savez(f, **{FORMAT_KEY: np.asarray(FILE_FORMAT)}, **flat)
+    fileio.save_npz(path, **{FORMAT_KEY: np.asarray(FILE_FORMAT)}, **flat)
 
 
 def load_lpips_params(path: str) -> dict[str, Any]:
@@ -212,14 +211,13 @@ def load_lpips_params(path: str) -> dict[str, Any]:
       ValueError: the file is not an LPIPS-VGG16 weights file of this format.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not fileio.exists(path) or fileio.path(path).is_dir():
         raise FileNotFoundError(
             f"LPIPS weights file {path!r} does not exist; build it from a torchvision VGG16 state dict "
             f"with `{CONVERTER_COMMAND}`."
         )
     try:
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: np.asarray(data[k]) for k in data.files}
+        flat = fileio.load_npz(path)
     except (ValueError, OSError) as err:  # not a zip / npz, or pickled objects
         raise ValueError(
             f"{path!r} is not an .npz file of arrays; build the LPIPS weights with `{CONVERTER_COMMAND}`."
