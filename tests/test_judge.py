@@ -54,3 +54,36 @@ def test_bad_digit_input(trained):
         judge.predict(np.full((2, 32, 32, 1), 255.0, np.float32))
     with pytest.raises(ValueError, match="one class id per image"):
         judge_lib.judge_metrics(judge, np.zeros((2, 32, 32, 1), np.uint8), np.zeros((3,), np.int32))
+
+
+def _report_of(tmp_path, trained, images, labels):
+    """``run.evaluate`` of ``images`` written as a run's samples; returns its report section."""
+    import shutil
+
+    import tiny_config
+    from vqgen import fileio
+    from vqgen.train import run as run_lib
+
+    cache, _ = trained
+    workdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "judge"))
+    shutil.copy(os.path.join(cache, "digit_judge_seed0.npz"), os.path.join(workdir, "judge"))
+    os.makedirs(os.path.join(workdir, "samples"))
+    fileio.save_npz(os.path.join(workdir, "samples", "samples.npz"), images=images, labels=labels)
+    run_lib.evaluate(tiny_config.get_config(), workdir)
+    return fileio.read_json(os.path.join(workdir, "report.json"))["samples"]
+
+
+def test_precision_and_recall_reach_the_report(tmp_path, trained):
+    """Through ``--mode=evaluate``: the test digits scored as samples are the reference itself
+    (precision = recall = 1); blank images lie outside the digits' manifold and cover none of it
+    (0, 0); the real-digit reference row is there and well inside (0, 1]."""
+    x_test, y_test = embedded.load_mnist("test")
+    same = _report_of(tmp_path / "same", trained, x_test, y_test)
+    assert same["judge_precision"] == 1.0 and same["judge_recall"] == 1.0
+    blank = _report_of(tmp_path / "blank", trained, np.zeros_like(x_test), y_test)
+    assert blank["judge_precision"] == 0.0 and blank["judge_recall"] == 0.0
+    for row in (same, blank):  # the reference depends on the labels only
+        assert 0.5 < row["judge_real_precision"] <= 1.0 and 0.5 < row["judge_real_recall"] <= 1.0
+        assert row["judge_real_accuracy"] > 0.95
+    assert same["judge_real_recall"] == blank["judge_real_recall"]

@@ -1,12 +1,20 @@
 """A digit judge for the embedded MNIST digits, where no Inception weights exist.
 
 A small CNN classifier trained on ``vqgen.data.embedded.load_mnist('train')`` and evaluated on
-the held-out ``'test'`` split. It gives two numbers for class-conditional samples:
+the held-out ``'test'`` split. It gives these numbers for class-conditional samples:
 
 * ``judge_accuracy``: the fraction of samples the judge assigns to the class they were asked for;
 * ``judge_fid``: the Fréchet distance between the samples' judge features (the penultimate,
   128-d layer, taken before its ReLU so that no feature is constant and the covariance is
-  full-rank) and those of the embedded test digits.
+  full-rank) and those of the embedded test digits;
+* ``judge_precision`` / ``judge_recall``: improved precision and recall (k = 3) of the samples
+  against the test digits in the same feature space: precision is the share of samples that
+  look like some real digit, recall the share of real digits that some sample looks like, so a
+  generator that draws one perfect digit per class scores high accuracy and precision but low
+  recall.
+
+:func:`real_reference_metrics` gives the same figures for real training digits drawn with the
+samples' labels, the reference a generator's numbers are read against.
 
 ``load_or_train_judge(cache_dir)`` trains it once (seconds on a CPU) and caches its parameters
 and held-out accuracy in ``cache_dir/digit_judge_seed<seed>.npz``.
@@ -201,8 +209,12 @@ def load_or_train_judge(cache_dir: str, seed: int = 0) -> Judge:
     return judge
 
 
+PR_NEIGHBOURS = 3  # k of improved precision and recall
+
+
 def judge_metrics(judge: Judge, images: Any, labels: Any) -> dict[str, float]:
-    """``{'judge_accuracy', 'judge_fid'}`` of class-conditional digit samples.
+    """``{'judge_accuracy', 'judge_fid', 'judge_precision', 'judge_recall'}`` of class-conditional
+    digit samples, the last three against the embedded test digits in the judge's feature space.
 
     Args:
       judge: from ``load_or_train_judge``.
@@ -216,7 +228,28 @@ def judge_metrics(judge: Judge, images: Any, labels: Any) -> dict[str, float]:
         )
     logits, feats = judge._run(images)
     ref = judge.reference_features()
+    precision, recall = metrics.precision_recall(ref, feats, k=PR_NEIGHBOURS)
     return {
         "judge_accuracy": float(np.mean(logits.argmax(-1) == labels)),
         "judge_fid": metrics.fid_from_activations(feats, ref),
+        "judge_precision": precision,
+        "judge_recall": recall,
     }
+
+
+def real_reference_metrics(judge: Judge, labels: Any, seed: int = 0) -> dict[str, float]:
+    """:func:`judge_metrics` of real training digits, one drawn (without replacement, by ``seed``)
+    for each entry of ``labels``: what a generator that drew the training set itself would score
+    with as many samples of the same classes. Keys carry a ``judge_real_`` prefix."""
+    labels = np.asarray(labels).astype(np.int64)
+    x_train, y_train = embedded.load_mnist("train")
+    rng = np.random.default_rng(seed)
+    pick = np.empty(labels.shape, np.int64)
+    for c in np.unique(labels):
+        wanted = np.flatnonzero(labels == c)
+        pool = np.flatnonzero(y_train == c)
+        if len(pool) == 0:
+            raise ValueError(f"class {c} has no training digit; labels must be digits 0..9.")
+        pick[wanted] = rng.choice(pool, size=len(wanted), replace=len(wanted) > len(pool))
+    real = judge_metrics(judge, x_train[pick], labels)
+    return {k.replace("judge_", "judge_real_", 1): v for k, v in real.items()}

@@ -79,6 +79,9 @@ def validate(config, workdir: str, phases: tuple[str, ...]) -> None:
     and the training data against the config (first batch, before any compile)."""
     check_workdir(workdir)
     checks = []
+    if "train_tokenizer" in phases and not builders.needs_tokenizer(config):
+        raise ValueError(f"generator.arch={config.generator.arch!r} models the images themselves and has no tokenizer "
+                         "to train; run --mode=train_generator (or --mode=all).")
     if "train_tokenizer" in phases:
         check_loop_settings(config, "tokenizer_train")
         phase = tokenizer_lib.build(config)
@@ -88,8 +91,9 @@ def validate(config, workdir: str, phases: tuple[str, ...]) -> None:
             check_loop_settings(config, "generator_train")
         phase = generator_lib.build(config)
         checks.append((phase.ckpt_dir(workdir), lambda c: c.check_compatible(), phase.fingerprint))
-        checks.append((fileio.join(workdir, "checkpoints", tokenizer_lib.NAME),
-                       lambda c: tokenizer_lib.check_architecture(config, c), None))
+        if builders.needs_tokenizer(config):
+            checks.append((fileio.join(workdir, "checkpoints", tokenizer_lib.NAME),
+                           lambda c: tokenizer_lib.check_architecture(config, c), None))
     for directory, check, fingerprint in checks:
         if fileio.path(directory).is_dir():  # opening a manager creates a missing folder
             ckpt = Checkpointer(directory, save_every=1, keep=1, fingerprint=fingerprint)
@@ -232,6 +236,7 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
     if ec.judge and config.data.source == "mnist" and images.ndim == 4:
         judge = judge_lib.load_or_train_judge(fileio.join(workdir, "judge"), seed=config.seed)
         metrics.update(judge_lib.judge_metrics(judge, images, labels))
+        metrics.update(judge_lib.real_reference_metrics(judge, labels, seed=config.seed))
         metrics["judge_test_accuracy"] = float(judge.accuracy)
     if ec.inception_path and ec.reference_stats:
         metrics.update(fid_lib.evaluate_files(path, ec.reference_stats, inception_path=ec.inception_path,
@@ -261,7 +266,7 @@ def summary(config) -> dict:
     """Prints each model's parameter count (``jax.eval_shape``: nothing is allocated) and, last,
     one JSON line ``{"tokenizer_params": N, "generator_params": M}``."""
     counts = {}
-    if "tokenizer" in config:
+    if "tokenizer" in config and builders.needs_tokenizer(config):
         phase = tokenizer_lib.build(config)
         counts["tokenizer_params"] = common.count_params(jax.eval_shape(phase.init, jax.random.key(0)).params)
         print(f"tokenizer ({config.tokenizer.arch}): {counts['tokenizer_params']:,} parameters")
@@ -269,9 +274,12 @@ def summary(config) -> dict:
         family, model = generator_lib.build_model(config)
         counts["generator_params"] = common.count_params(
             jax.eval_shape(lambda r: family.init_params(model, r), jax.random.key(0)))
-        spec = builders.token_spec(config)
-        print(f"generator ({config.generator.arch}, {spec.seq_len} tokens of {spec.vocab_size} codes on a "
-              f"{'x'.join(map(str, spec.grid))} grid): {counts['generator_params']:,} parameters")
+        spec = builders.input_spec(config)
+        what = {"tokens": f"{spec.seq_len} tokens of {spec.vocab_size} codes",
+                "latents": f"{spec.seq_len} latents of {spec.latent_dim} channels",
+                "pixels": f"{spec.example[-1]}-channel pixels"}[spec.kind]
+        print(f"generator ({config.generator.arch}, {what} on a {'x'.join(map(str, spec.grid))} grid): "
+              f"{counts['generator_params']:,} parameters")
     print(json.dumps(counts), flush=True)
     return counts
 
@@ -284,6 +292,8 @@ def run(config, workdir: str | None, mode: str) -> int:
         summary(config)
         return 0
     phases = ALL if mode == "all" else (mode,)
+    if mode == "all" and not builders.needs_tokenizer(config):  # a family over pixels: no tokenizer phase
+        phases = tuple(p for p in phases if p != "train_tokenizer")
     validate(config, workdir, phases)
     write_config(config, workdir)
     common.say(f"workdir: {fileio.display(workdir)}")
