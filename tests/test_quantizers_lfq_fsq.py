@@ -1,5 +1,6 @@
 """LookupFreeQuantizer and FiniteScalarQuantizer against brute-force NumPy references."""
 import itertools
+import re
 
 import chex
 import jax
@@ -10,7 +11,12 @@ import pytest
 from vqgen import parallel
 from vqgen.quantizers.base import usage_metrics
 from vqgen.quantizers.fsq import FiniteScalarQuantizer
-from vqgen.quantizers.lfq import LookupFreeQuantizer, sorted_usage_metrics
+from vqgen.quantizers.lfq import (
+    LookupFreeQuantizer,
+    join_factorized_ids,
+    sorted_usage_metrics,
+    split_factorized_ids,
+)
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -296,6 +302,18 @@ def test_lfq_loss_and_gradient_match_dense_reference():
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+def hlo_array_shapes(hlo_text):
+    """Every array shape ``[d0, d1, ...]`` written in an HLO module's text (tuples flattened)."""
+    return [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\b[a-z]+[0-9]*\[([0-9]+(?:,[0-9]+)*)\]", hlo_text)]
+
+
+def test_hlo_array_shapes_sees_a_dense_table():
+    """The shape scan below would see a [tokens, 2**D] table if one were compiled."""
+    codes = jnp.asarray(np_lfq_codes(10), jnp.float32)
+    dense = jax.jit(lambda z: jax.nn.softmax(z @ codes.T, axis=-1).mean(0)).lower(jnp.zeros((300, 10))).compile()
+    assert (300, 1024) in hlo_array_shapes(dense.as_text())
+
+
 def test_lfq_dim18_runs_in_bounded_memory():
     z = jax.random.normal(jax.random.key(9), (8, 16, 16, 18))
     results = {}
@@ -309,6 +327,12 @@ def test_lfq_dim18_runs_in_bounded_memory():
         temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
         # A dense [2048, 2**18] float32 table alone would be 2048 MiB.
         assert temp_mib < 256, (groups, temp_mib)
+        # No [tokens, 2**18] array (in any layout) in the compiled forward and backward pass: the
+        # largest is the chunk of token-code probabilities (16 tokens x 2**18 codes) or the
+        # constant [2**18, 18] table of code bits.
+        shapes = hlo_array_shapes(compiled.as_text())
+        assert shapes and not [s for s in shapes if 2048 in s and 2**18 in s], groups
+        assert max(int(np.prod(s)) for s in shapes) <= max(q.codebook_entropy_chunk, 18 * 2**18), groups
         (loss, metrics), grad = compiled(z)
         assert np.isfinite(loss) and np.all(np.isfinite(grad))
         results[groups] = metrics
@@ -339,6 +363,37 @@ def test_lfq_bad_config_raises():
         apply(LookupFreeQuantizer(dim=6, bit_order="little"), z)
     with pytest.raises(ValueError, match="entropy_eps"):
         apply(LookupFreeQuantizer(dim=6, entropy_eps=-1e-5), z)
+    # Above 18 bits the exact (ungrouped) codebook entropy is refused, naming the groups that work.
+    with pytest.raises(ValueError, match=r"2\*\*20 codes per group.*set num_groups=2 "):
+        apply(LookupFreeQuantizer(dim=20), jnp.zeros((2, 20)))
+    with pytest.raises(ValueError, match="set num_groups=3 "):
+        apply(LookupFreeQuantizer(dim=21, num_groups=1), jnp.zeros((2, 21)))
+    assert apply(LookupFreeQuantizer(dim=20, num_groups=2), jnp.ones((2, 20))).indices.shape == (2,)
+
+
+@pytest.mark.parametrize("bit_order", ["msb", "lsb"])
+def test_lfq_factorized_ids_follow_bit_order(bit_order):
+    """9+9 factorised ids: Open-MAGVIT2's (indices_pre, indices_post) with 'lsb', the same blocks
+    of channels numbered high-bit-first with 'msb'; join inverts split; each block decodes to its channels."""
+    z = np.asarray(jax.random.normal(jax.random.key(17), (3, 5, 18)))
+    ids = apply(LookupFreeQuantizer(dim=18, num_groups=2, bit_order=bit_order), jnp.asarray(z)).indices
+    first, second = jax.jit(lambda i: split_factorized_ids(i, 18, (9, 9), bit_order))(ids)
+    if bit_order == "lsb":  # Open-MAGVIT2: pre = sum_{d<9} bit_d 2**d, post = sum_{d>=9} bit_d 2**(d-9)
+        bits = (z > 0).astype(np.int64)
+        want = (bits[..., :9] @ (2 ** np.arange(9)), bits[..., 9:] @ (2 ** np.arange(9)))
+    else:
+        want = (np_lfq_indices(z[..., :9]), np_lfq_indices(z[..., 9:]))
+    np.testing.assert_array_equal(np.asarray(first), want[0])
+    np.testing.assert_array_equal(np.asarray(second), want[1])
+    np.testing.assert_array_equal(np.asarray(join_factorized_ids((first, second), 18, (9, 9), bit_order)), ids)
+    half = LookupFreeQuantizer(dim=9, bit_order=bit_order)
+    np.testing.assert_array_equal(np.asarray(decode(half, first)), np.where(z[..., :9] > 0, 1.0, -1.0))
+    np.testing.assert_array_equal(np.asarray(decode(half, second)), np.where(z[..., 9:] > 0, 1.0, -1.0))
+    # Unequal blocks too: 18 = 4 + 14.
+    parts = split_factorized_ids(ids, 18, (4, 14), bit_order)
+    np.testing.assert_array_equal(np.asarray(join_factorized_ids(parts, 18, (4, 14), bit_order)), ids)
+    with pytest.raises(ValueError, match="add up to the 18 bits"):
+        split_factorized_ids(ids, 18, (9, 8), bit_order)
 
 
 # ---------------------------------------------------------------- FSQ

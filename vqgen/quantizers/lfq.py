@@ -18,12 +18,21 @@ Entropy terms. With ``p(c|z) = softmax_c(-||z - c||^2 / tau)`` over the ``2**D``
   does not factorise, so with ``num_groups=1`` it is computed **exactly** over all ``2**D``
   codes, scanning over chunks of tokens so that at most ``codebook_entropy_chunk``
   ``[token, code]`` probabilities exist at once (D=18 and 2,048 tokens: 16 tokens x 262,144
-  codes per chunk instead of 2 GiB). With ``num_groups=G`` the channels are split into ``G``
+  codes per chunk instead of 2 GiB); no ``[tokens, 2**D]`` array exists in the forward or the
+  backward pass. Above ``D = 18`` channels per group the exact term is refused (set
+  ``num_groups``). With ``num_groups=G`` the channels are split into ``G``
   contiguous groups of ``D/G`` channels; each group's marginal over its ``2**(D/G)`` codes is
   computed exactly and averaged over tokens, and the term is **the sum of the G groups'
   entropies** (the channel-group factorisation of MAGVIT-v2 / Open-MAGVIT2). That sum is an upper
   bound of the exact joint entropy and equals it when the groups are independent under the
   token average.
+
+Factorised ids (Open-MAGVIT2's ``token_factorization``, ``factorized_bits=[9, 9]`` for its
+factorised AR head): :func:`split_factorized_ids` cuts a code id into the ids of contiguous
+channel blocks (channels 0-8 and 9-17 for ``(9, 9)``), each block numbered in the same
+``bit_order`` as the whole id; :func:`join_factorized_ids` is its inverse. With ``'lsb'`` the
+parts are Open-MAGVIT2's ``(indices_pre, indices_post)`` (``id = pre + 2**9 * post``); with
+``'msb'`` the first block is the high bits (``id = first * 2**9 + second``).
 
 With ``entropy_eps > 0`` every codebook entropy above becomes the smoothed
 ``-sum_c pbar(c) log(pbar(c) + entropy_eps)``, the official Open-MAGVIT2 / IBQ form (``eps = 1e-5``
@@ -47,7 +56,9 @@ from vqgen.quantizers.base import QuantizerOutput, entropy, straight_through, us
 
 # Above this many codes the usage histogram is replaced by the sort-based count (same numbers).
 _MAX_HISTOGRAM_CODES = 1 << 20
-_MAX_GROUP_BITS = 30
+# The codebook entropy is exact over each channel group's 2**(dim/num_groups) codes; above 2**18
+# codes per group (Open-MAGVIT2's whole codebook) that is refused and a larger num_groups named.
+MAX_GROUP_BITS = 18
 _MAX_INDEX_BITS = 31  # indices are int32
 BIT_ORDERS = ("msb", "lsb")
 
@@ -74,6 +85,51 @@ def code_bits(num_bits: int, bit_order: str = "msb") -> jax.Array:
     """``[2**num_bits, num_bits]`` float32 0/1 bits of every code id, channel by channel."""
     ids = jnp.arange(2**num_bits, dtype=jnp.int32)  # [n]
     return ((ids[:, None] >> bit_shifts(num_bits, bit_order)[None, :]) & 1).astype(jnp.float32)  # [n, k]
+
+
+def _factor_offsets(num_bits: int, factorized_bits: tuple[int, ...], bit_order: str) -> list[tuple[int, int]]:
+    """``(shift, bits)`` of each channel block of a ``num_bits``-bit code id (``split_factorized_ids``)."""
+    factorized_bits = tuple(int(b) for b in factorized_bits)
+    if not factorized_bits or min(factorized_bits) < 1 or sum(factorized_bits) != num_bits:
+        raise ValueError(
+            f"factorized_bits={factorized_bits} must be positive block sizes that add up to the {num_bits} bits of "
+            f"the code (e.g. {(num_bits // 2, num_bits - num_bits // 2)})."
+        )
+    if bit_order not in BIT_ORDERS:
+        raise ValueError(f"bit_order is {bit_order!r}; use one of {BIT_ORDERS}.")
+    out, start = [], 0
+    for bits in factorized_bits:  # channels [start, start + bits)
+        shift = start if bit_order == "lsb" else num_bits - start - bits
+        out.append((shift, bits))
+        start += bits
+    return out
+
+
+def split_factorized_ids(
+    indices: jax.Array, num_bits: int, factorized_bits: tuple[int, ...] = (9, 9), bit_order: str = "msb"
+) -> tuple[jax.Array, ...]:
+    """Code ids ``[...]`` of ``num_bits`` channels -> one id ``[...]`` per contiguous channel block.
+
+    Block ``j`` covers the next ``factorized_bits[j]`` channels (in channel order) and is numbered
+    in ``bit_order`` within the block, so ``split_factorized_ids(ids, 18, (9, 9), 'lsb')`` gives
+    Open-MAGVIT2's ``(indices_pre, indices_post)`` and decoding each block's bits gives the same
+    channels as decoding the whole id.
+    """
+    ids = indices.astype(jnp.int32)
+    return tuple((ids >> shift) & ((1 << bits) - 1) for shift, bits in _factor_offsets(num_bits, factorized_bits, bit_order))
+
+
+def join_factorized_ids(
+    parts: tuple[jax.Array, ...], num_bits: int, factorized_bits: tuple[int, ...] = (9, 9), bit_order: str = "msb"
+) -> jax.Array:
+    """Inverse of :func:`split_factorized_ids`: the blocks' ids ``[...]`` -> whole code ids ``[...]``."""
+    offsets = _factor_offsets(num_bits, factorized_bits, bit_order)
+    if len(parts) != len(offsets):
+        raise ValueError(f"got {len(parts)} id blocks for factorized_bits={tuple(factorized_bits)}; pass one per block.")
+    out = jnp.zeros(jnp.shape(parts[0]), jnp.int32)
+    for part, (shift, bits) in zip(parts, offsets):
+        out = out | ((part.astype(jnp.int32) & ((1 << bits) - 1)) << shift)
+    return out
 
 
 def entropy_with_eps(probs: jax.Array, eps: float, axis: int = -1) -> jax.Array:
@@ -171,7 +227,8 @@ class LookupFreeQuantizer(nn.Module):
       codebook_entropy_weight: ``gamma``.
       entropy_temperature: ``tau`` of ``p(c|z) = softmax(-||z - c||^2 / tau)``.
       num_groups: channel groups for the codebook entropy; must divide ``dim`` and leave at most
-        30 channels per group.
+        18 channels per group (``dim > 18`` with ``num_groups=1``, the exact entropy over more than
+        2**18 codes, is refused with the smallest ``num_groups`` that works named).
       codebook_scale: ``s``, the magnitude of the code values.
       bit_order: ``'msb'`` (default): channel ``i`` has weight ``2**(dim-1-i)`` in the code id;
         ``'lsb'``: channel ``i`` has weight ``2**i``, the order of Open-MAGVIT2's code ids.
@@ -214,12 +271,13 @@ class LookupFreeQuantizer(nn.Module):
                 f"LookupFreeQuantizer.num_groups={self.num_groups} does not divide dim={self.dim}; "
                 "choose num_groups among the divisors of dim."
             )
-        if self.dim // self.num_groups > _MAX_GROUP_BITS:
+        if self.dim // self.num_groups > MAX_GROUP_BITS:
+            fix = min(g for g in range(1, self.dim + 1) if self.dim % g == 0 and self.dim // g <= MAX_GROUP_BITS)
             raise ValueError(
-                f"LookupFreeQuantizer with dim={self.dim} and num_groups={self.num_groups} has "
-                f"{self.dim // self.num_groups} channels per group; the codebook entropy needs at most "
-                f"{_MAX_GROUP_BITS}, so set num_groups to a divisor of dim that is >= "
-                f"{-(-self.dim // _MAX_GROUP_BITS)}."
+                f"LookupFreeQuantizer(dim={self.dim}, num_groups={self.num_groups}) would compute the exact "
+                f"codebook entropy over 2**{self.dim // self.num_groups} codes per group, more than the "
+                f"2**{MAX_GROUP_BITS} it allows; set num_groups={fix} (the entropy of {fix} groups of "
+                f"{self.dim // fix} channels)."
             )
         if self.bit_order not in BIT_ORDERS:
             raise ValueError(
