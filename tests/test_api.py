@@ -12,7 +12,7 @@ import pytest
 
 import tiny_config
 import vqgen
-from vqgen import config_lib
+from vqgen import config_lib, fileio
 from vqgen.checkpoint import IncompatibleCheckpointError
 from vqgen.train import builders
 from vqgen.train import generator as generator_lib
@@ -188,3 +188,38 @@ def test_console_script_finds_configs_by_name_from_any_directory(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"generator_params"' in out.stdout.splitlines()[-1] and "maskgit" in out.stdout
+
+
+def test_sweep_sampling_scores_each_setting_as_evaluate_does(workdir):
+    """``--mode=sweep_sampling``: one row per setting; the row of the config's own setting is what
+    ``--mode=sample`` + ``--mode=evaluate`` score (same keys, same samples), and the report holds
+    the rows and the real-digit reference."""
+    config = tiny_config.get_config()
+    scale = float(config.sample.cfg_scale)
+    assert run_lib.run(config, str(workdir), "evaluate") == 0
+    evaluated = fileio.read_json(os.path.join(workdir, "report.json"))["samples"]
+    assert run_lib.run(config, str(workdir), "sweep_sampling", (f"cfg_scale=1,{scale}", "top_k=0")) == 0
+    report = fileio.read_json(os.path.join(workdir, "report.json"))["sampling_sweep"]
+    saved = fileio.read_json(os.path.join(workdir, "sweeps", "sampling.json"))
+    assert saved["rows"] == report["rows"] and report["keys"] == ["cfg_scale", "top_k"]
+    rows = {r["cfg_scale"]: r for r in report["rows"]}
+    assert sorted(rows) == sorted({1.0, scale}) and all(r["top_k"] == 0 for r in rows.values())
+    for key in ("judge_accuracy", "judge_fid", "judge_precision", "judge_recall"):
+        assert rows[scale][key] == evaluated[key], key
+    assert 0.0 <= rows[1.0]["judge_recall"] <= 1.0 and rows[1.0]["seconds_per_image"] > 0
+    assert report["real_reference"]["judge_real_accuracy"] == evaluated["judge_real_accuracy"]
+
+
+@pytest.mark.parametrize("sweeps, mode, needle", [
+    (("choice_temperature=1,2",), "sweep_sampling", "'gpt' sampler has no option 'choice_temperature'"),
+    (("cfg_scale=",), "sweep_sampling", "has no values"),
+    (("cfg_scale=1", "cfg_scale=2"), "sweep_sampling", "given twice"),
+    (("top_k=a",), "sweep_sampling", "'a' is not an integer"),
+    (("top_p=2",), "sweep_sampling", "top_p=2.0 is outside"),
+    ((), "sweep_sampling", "at least one --sweep"),
+    (("cfg_scale=1,2",), "sample", "read by --mode=sweep_sampling only"),
+])
+def test_sweep_bad_input_is_one_sentence_before_anything_loads(tmp_path, sweeps, mode, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        run_lib.run(tiny_config.get_config(), str(tmp_path / "none"), mode, sweeps)
+    assert not (tmp_path / "none").exists()

@@ -7,8 +7,9 @@
 
 ``--config`` is a config name (``quickstart``, ``generators/llamagen``, ``llamagen``) or the path
 of a config file, with ``:variant``; keys are overridden with ``--config.section.key=value``.
-``--mode`` is one of train_tokenizer, train_generator, sample, evaluate, summary, or all (the
-config's default). Running the same command again resumes from the last checkpoint. Mistakes
+``--mode`` is one of train_tokenizer, train_generator, sample, evaluate, sweep_sampling, summary,
+or all (the config's default); ``--mode=sweep_sampling --sweep=cfg_scale=1,1.5,2`` scores the
+samples of a trained workdir under each setting (:mod:`vqgen.train.sweep`). Running the same command again resumes from the last checkpoint. Mistakes
 end in one sentence on stderr (exit code 2); ``--verbosity=1`` shows the traceback too.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config name or file (
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
 _MODE = flags.DEFINE_enum("mode", None, run_lib.MODES, "What to run; defaults to the config's `mode` or 'all'.")
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "With --mode=sweep_sampling: KEY=V1,V2,... a sampler option and its values (repeatable).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None, "Call jax.distributed.initialize() (multi-host); also VQGEN_DISTRIBUTED=1.")
 
@@ -54,7 +57,7 @@ def main(argv):
         distributed = True
     try:
         parallel.maybe_initialize_distributed(distributed)
-        code = run_lib.run(config, _WORKDIR.value, mode)
+        code = run_lib.run(config, _WORKDIR.value, mode, tuple(_SWEEP.value))
     except USER_ERRORS as e:
         if _verbose():
             raise

@@ -3,7 +3,8 @@
 Every family and phase goes through here: ``train_tokenizer``, ``train_generator``, ``sample``
 (class-conditional samples, or a family's conditional task on held-out clips, e.g. MAGVIT's frame
 prediction), ``evaluate`` (the digit judge and FID for images, PSNR against baselines for
-frame prediction), ``summary`` and ``all``.
+frame prediction), ``sweep_sampling`` (samples scored under a grid of sampler settings,
+:mod:`vqgen.train.sweep`), ``summary`` and ``all``.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from vqgen.evaluation import judge as judge_lib
 from vqgen.evaluation import video as video_eval
 from vqgen.train import builders, common
 from vqgen.train import generator as generator_lib
+from vqgen.train import sweep as sweep_lib
 from vqgen.train import tokenizer as tokenizer_lib
 
-MODES = ("train_tokenizer", "train_generator", "sample", "evaluate", "summary", "all")
+MODES = ("train_tokenizer", "train_generator", "sample", "evaluate", "sweep_sampling", "summary", "all")
 ALL = ("train_tokenizer", "train_generator", "sample", "evaluate")
 
 
@@ -284,22 +286,28 @@ def summary(config) -> dict:
     return counts
 
 
-def run(config, workdir: str | None, mode: str) -> int:
-    """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint)."""
+def run(config, workdir: str | None, mode: str, sweeps: tuple[str, ...] = ()) -> int:
+    """Runs ``mode``; returns the process exit code (0 also after a SIGTERM checkpoint).
+    ``sweeps``: the ``KEY=V1,V2,...`` settings of ``--mode=sweep_sampling``."""
     if mode not in MODES:
         raise ValueError(f"unknown --mode={mode!r}; use one of {MODES}.")
     if mode == "summary":
         summary(config)
         return 0
+    if sweeps and mode != "sweep_sampling":
+        raise ValueError(f"--sweep is read by --mode=sweep_sampling only; drop it or pass --mode=sweep_sampling.")
     phases = ALL if mode == "all" else (mode,)
     if mode == "all" and not builders.needs_tokenizer(config):  # a family over pixels: no tokenizer phase
         phases = tuple(p for p in phases if p != "train_tokenizer")
-    validate(config, workdir, phases)
+    if mode == "sweep_sampling":
+        sweep_lib.check_sweeps(config, sweeps)
+    validate(config, workdir, ("sample",) if mode == "sweep_sampling" else phases)
     write_config(config, workdir)
     common.say(f"workdir: {fileio.display(workdir)}")
     mesh = parallel.create_mesh(tuple(config.mesh_shape))
     steps = {"train_tokenizer": train_tokenizer, "train_generator": train_generator, "sample": sample,
-             "evaluate": evaluate}
+             "evaluate": evaluate,
+             "sweep_sampling": lambda c, w, m: sweep_lib.sweep_sampling(c, w, sweeps, m)}
     try:
         for phase in phases:
             t0 = time.perf_counter()
