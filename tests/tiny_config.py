@@ -1,6 +1,6 @@
 """A tiny run config for tests: the quickstart structure with toy widths and few steps.
 
-Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit|:var|:lfq|:ibq|:titok]`` or ``tiny_config.get_config()``.
+Usable as ``--config=tests/tiny_config.py[:gpt|:maskgit|:var|:lfq|:ibq|:titok|:mar]`` or ``tiny_config.get_config()``.
 """
 from vqgen import config_lib
 
@@ -8,6 +8,8 @@ from vqgen import config_lib
 def get_config(arg=None):
     c = config_lib.load_config("quickstart", arg)
     c.unlock()
+    if arg == "mar":
+        return _tiny_mar(c)
     t = c.tokenizer
     if arg == "titok":  # 16 latent tokens, one transformer block of width 16 on each side
         t.enc_width, t.enc_depth, t.enc_heads, t.enc_mlp_dim = 16, 1, 2, 32
@@ -35,5 +37,27 @@ def get_config(arg=None):
     gt = c.generator_train
     gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 4, 8, 2, 1, 1
     c.sample.per_class, c.sample.batch_size = 2, 20
+    c.lock()
+    return c
+
+
+def _tiny_mar(c):
+    """quickstart:mar with a KL-VAE of width 8 (8x8 latents of 4 channels) and a one-block MAR."""
+    t = c.tokenizer
+    t.ch, t.ch_mult, t.num_res_blocks, t.embed_dim, t.norm_groups = 8, (1, 2, 2), 1, 4, 4
+    tt = c.tokenizer_train
+    tt.num_steps, tt.batch_size, tt.save_every, tt.log_every, tt.image_every = 4, 8, 2, 1, 0
+    tt.warmup_steps = 1
+    tt.disc.ch, tt.disc.n_layers, tt.disc.start_step = 8, 1, 1
+    c.data.eval_examples = 16
+    g = c.generator
+    g.encoder_width = g.decoder_width = g.diffloss_width = 32
+    g.encoder_depth = g.decoder_depth = g.diffloss_depth = 1
+    g.encoder_heads = g.decoder_heads = 2
+    g.buffer_size = 2
+    gt = c.generator_train
+    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 4, 8, 2, 1, 1
+    c.sample.per_class, c.sample.batch_size = 2, 20
+    c.sample.num_iter, c.sample.diffusion_steps = 4, 5
     c.lock()
     return c

@@ -20,6 +20,10 @@ Training and the other phases of the command line run from Python too (a noteboo
 A MaskGIT generator edits token maps: ``gen.edit_tokens(tokens, keep, labels, rng)`` keeps the
 tokens where ``keep`` is true and generates the rest (inpainting a region, class editing).
 
+A KL tokenizer (MAR's) gives and takes continuous latents instead of ids: float32
+``[N, h, w, C]``, scaled by its ``scale_factor`` as a MAR generator reads them; ``gen.sample_tokens``
+of a MAR generator returns such latents.
+
 Images are as in ``samples/samples.npz``: uint8 ``[N, H, W, C]`` (video ``[N, T, H, W, C]``);
 float arrays in [-1, 1] are accepted as input too. Options are those of the family's sampler
 (``gen.option_names``): temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_interval, and
@@ -101,6 +105,11 @@ class Tokenizer:
     def decode(self, tokens: Any) -> np.ndarray:
         """uint8 images ``[N, H, W, C]`` of token ids ``[N, *spec.token_shape]`` (or ``[N, L]``)."""
         t = np.asarray(tokens)
+        if self.spec.kind == "latents":  # a KL tokenizer: scaled latent maps [N, h, w, C]
+            if t.shape[1:] != self.spec.token_shape:
+                raise ValueError(f"latents have shape {t.shape} but this KL tokenizer's latents are "
+                                 f"[N, {', '.join(map(str, self.spec.token_shape))}]; pass latents of that shape.")
+            return common.to_uint8(self._frozen.decode(t))
         if t.ndim < 2 or int(np.prod(t.shape[1:])) != self.spec.seq_len:
             raise ValueError(f"tokens have shape {t.shape} but this tokenizer's tokens are "
                              f"[N, {', '.join(map(str, self.spec.token_shape))}]; pass ids of that shape.")

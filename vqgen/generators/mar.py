@@ -214,7 +214,8 @@ class MAR(nn.Module):
     [B, L, Dd]``: the diffusion head's conditions. ``mask`` marks the tokens to predict (their
     values are never read); ``labels`` are class ids in ``[0, num_classes]`` (``num_classes``:
     no label). ``keep`` is how many encoder slots hold unmasked tokens (static; default ``L``);
-    every example must have at most ``keep`` unmasked tokens.
+    every example must have at most ``keep`` unmasked tokens. ``patch_size`` only says how a
+    ``[B, H, W, C]`` latent map becomes tokens (:func:`patchify`): ``token_dim = C * patch_size²``.
     """
 
     num_classes: int = 1000
@@ -235,6 +236,7 @@ class MAR(nn.Module):
     diffloss_depth: int = 3
     diffloss_width: int = 1024
     diffusion_batch_mul: int = 4
+    patch_size: int = 1
     norm_eps: float = NORM_EPS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -247,6 +249,17 @@ class MAR(nn.Module):
     def max_visible(self) -> int:
         """Encoder slots for unmasked tokens in training: ``L - ceil(L * mask_ratio_min)``."""
         return self.seq_len - int(math.ceil(self.seq_len * float(self.mask_ratio_min)))
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the latent map the tokens are cut from: ``token_dim / patch_size²``."""
+        return int(self.token_dim) // (int(self.patch_size) ** 2)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The ``[H, W, C]`` latent map of one example (:func:`unpatchify` of its tokens)."""
+        p = int(self.patch_size)
+        return (int(self.grid[0]) * p, int(self.grid[1]) * p, self.latent_dim)
 
     @property
     def null_class(self) -> int:
@@ -351,6 +364,10 @@ def check_model(model: MAR) -> None:
             raise ValueError(f"{part}_width={width} is not divisible by {part}_heads={heads}; change one of them.")
     if not 0.0 <= float(model.label_drop_prob) < 1.0:
         raise ValueError(f"label_drop_prob={model.label_drop_prob} is outside [0, 1); MAR uses 0.1.")
+    p = int(model.patch_size)
+    if p < 1 or model.token_dim % (p * p):
+        raise ValueError(f"patch_size={model.patch_size} does not divide token_dim={model.token_dim} into p² latent "
+                         "channel groups; use a patch size whose square divides the token width (MAR uses 1).")
     if int(model.diffusion_batch_mul) < 1:
         raise ValueError(f"diffusion_batch_mul={model.diffusion_batch_mul} must be at least 1; MAR trains with 4.")
 
@@ -411,18 +428,19 @@ def random_mask(model: MAR, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.
 
 def batch_tokens(model: MAR, batch: dict) -> jax.Array:
     """``batch['latents']`` as ``[B, L, D]`` float32 tokens: a ``[B, H, W, C]`` latent map is
-    patchified (patch size ``sqrt(D / C)``), a ``[B, L, D]`` array is taken as it is."""
+    patchified (``model.patch_size``), a ``[B, L, D]`` array is taken as it is."""
     if "latents" not in batch:
         raise ValueError("the MAR loss reads batch['latents'], the tokenizer's continuous latents [B, H, W, C] (or "
                          "patchified [B, L, D]); encode the images with a KL tokenizer first.")
     x = jnp.asarray(batch["latents"], jnp.float32)
     if x.ndim == 4:
-        c = x.shape[-1]
-        p = int(round(math.sqrt(model.token_dim / c))) if c else 0
-        if p < 1 or c * p * p != model.token_dim or x.shape[1] != model.grid[0] * p or x.shape[2] != model.grid[1] * p:
+        p, c = int(model.patch_size), model.latent_dim
+        if x.shape[-1] != c:
+            raise ValueError(f"the latents have {x.shape[-1]} channels but this MAR model reads {c}-channel latents; "
+                             f"use a KL tokenizer of embed_dim={c} or build the model for the tokenizer's width.")
+        if x.shape[1] != model.grid[0] * p or x.shape[2] != model.grid[1] * p:
             raise ValueError(f"latents of shape {tuple(x.shape)} do not make the model's {model.grid} grid of "
-                             f"{model.token_dim}-channel tokens; build the model from the tokenizer's latent grid "
-                             "and width.")
+                             f"{p}x{p} patches; build the model from the tokenizer's latent grid.")
         x = patchify(x, p)
     if x.ndim != 3 or x.shape[1:] != (model.seq_len, model.token_dim):
         raise ValueError(f"latents of shape {tuple(x.shape)} are not [B, {model.seq_len}, {model.token_dim}] tokens; "
@@ -604,13 +622,21 @@ def sample_tokens(model: MAR, params: Any, labels: jax.Array, rng: jax.Array, op
     return (final.tokens, final.step_of) if return_steps else final.tokens
 
 
-_sample_jit = jax.jit(sample_tokens, static_argnames=("model", "opts", "return_steps"))
+def _sample_latents(model, params, labels, rng, opts, return_steps=False, orders=None):
+    out = sample_tokens(model, params, labels, rng, opts, return_steps, orders)
+    tokens = out[0] if return_steps else out
+    latents = unpatchify(tokens, tuple(model.grid), model.patch_size)  # [B, H, W, C]
+    return (latents, out[1]) if return_steps else latents
+
+
+_sample_jit = jax.jit(_sample_latents, static_argnames=("model", "opts", "return_steps"))
 
 
 def sample(model: MAR, params: Any, labels: Any, rng: jax.Array, opts: SamplerOptions = SamplerOptions(), *,
            return_steps: bool = False, orders: Any = None):
-    """Samples continuous tokens ``float32 [B, L, D]`` for class ids ``labels [B]`` (``num_classes``:
-    unconditional); :func:`unpatchify` turns them into the tokenizer's latent map.
+    """Samples latent maps ``float32 [B, H, W, C]`` (``model.latent_shape``; the tokenizer's scaled
+    latents, the generator protocol's layout) for class ids ``labels [B]`` (``num_classes``:
+    unconditional); :func:`sample_tokens` is the same sampler over ``[B, L, D]`` tokens.
 
     One jitted ``lax.fori_loop`` over MAR's iterations with the diffusion sampler's loop inside,
     ``model`` and ``opts`` static: one compile per model, options and batch size. ``orders``
@@ -631,7 +657,6 @@ def sample(model: MAR, params: Any, labels: Any, rng: jax.Array, opts: SamplerOp
 # ------------------------------------------------------------------ family adapter (trainers)
 
 _BUILD_KEYS = {f.name for f in dataclasses.fields(MAR)} - {"num_classes", "grid", "token_dim", "parent", "name"}
-_BUILD_KEYS |= {"patch_size"}
 
 
 def build(cfg: dict, *, num_classes: int, grid: tuple[int, ...], latent_dim: int, **_: Any) -> MAR:
@@ -662,6 +687,6 @@ def build(cfg: dict, *, num_classes: int, grid: tuple[int, ...], latent_dim: int
         raise ValueError(f"patch_size={p} does not divide the tokenizer's latent grid {grid}; use a patch size "
                          "dividing both sides (MAR uses 1).")
     model = MAR(num_classes=int(num_classes), grid=(grid[0] // p, grid[1] // p), token_dim=int(latent_dim) * p * p,
-                **kw)
+                patch_size=p, **kw)
     check_model(model)
     return model

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vqgen import generators
 from vqgen.generators import var
 from vqgen.losses import adversarial
 from vqgen.train.common import dtype_from_name
@@ -40,6 +41,7 @@ TOKENIZERS = {
     "magvit": ("vqgen.tokenizers.magvit", "MAGVIT", True),
     "vit_vqgan": ("vqgen.tokenizers.vit", "ViTVQGAN", False),
     "titok": ("vqgen.tokenizers.vit", "TiTok", False),
+    "kl": ("vqgen.tokenizers.kl", "KLVAE", False),  # continuous latents, no quantizer section
 }
 
 
@@ -69,12 +71,22 @@ def build_tokenizer(cfg: Any, channels: int) -> nn.Module:
     arch = kw.pop("arch")
     cls = _lookup(TOKENIZERS, arch, "tokenizer arch")
     dtype = dtype_from_name(kw.pop("dtype", "float32"))
-    quantizer = build_quantizer(kw.pop("quantizer"), dtype)
-    return cls(in_channels=channels, out_channels=channels, quantizer=quantizer, dtype=dtype, **kw)
+    if "quantizer" in cls.__dataclass_fields__:
+        if "quantizer" not in kw:
+            raise ValueError(f"tokenizer.arch={arch!r} needs a tokenizer.quantizer section (type vq, lfq, fsq, ibq, rq "
+                             "or msrq); add one, or use tokenizer.arch='kl' for continuous latents.")
+        kw["quantizer"] = build_quantizer(kw.pop("quantizer"), dtype)
+    elif "quantizer" in kw:
+        raise ValueError(f"tokenizer.arch={arch!r} gives continuous latents and has no quantizer; remove the "
+                         "tokenizer.quantizer section (or use a VQ tokenizer such as arch='vqgan').")
+    return cls(in_channels=channels, out_channels=channels, dtype=dtype, **kw)
 
 
 def is_video(config) -> bool:
-    """Whether the config's tokenizer reads video clips (the one place this is decided)."""
+    """Whether the config's tokenizer reads video clips (the one place this is decided); a config
+    without a tokenizer (a family over pixels) models images."""
+    if "tokenizer" not in config:
+        return False
     arch = config.tokenizer.arch
     if arch not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer arch {arch!r}; choose one of {sorted(TOKENIZERS)}.")
@@ -90,6 +102,8 @@ def example_shape(config) -> tuple[int, ...]:
 
 def quantizer_codebook_size(q: nn.Module) -> int | None:
     """Number of codes of a quantizer module, or None where it has no discrete codebook."""
+    if q is None:
+        return None
     size = getattr(q, "codebook_size", None)
     if isinstance(size, (int, np.integer)):
         return int(size)
@@ -108,7 +122,14 @@ class TokenSpec:
       example: input shape ``(H, W, C)`` or ``(T, H, W, C)``.
       scales: the side lengths of a multi-scale tokenizer's square token maps, small to large
         (VAR's pyramid; ``grid == (scales[-1],) * 2``), or None for a single token map.
-      code_dim: channels of the quantized latent (the quantizer's code dimension).
+      code_dim: channels of the quantized latent (the quantizer's code dimension; for a KL
+        tokenizer the latent width).
+      kind: what a generator reads (the ``INPUT_KIND`` of :mod:`vqgen.generators`): ``'tokens'``
+        (code ids), ``'latents'`` (a KL tokenizer's continuous latent map ``[h, w, latent_dim]``)
+        or ``'pixels'`` (the images, no tokenizer; ``grid`` is ``(H, W)``).
+      latent_dim: channels of a KL tokenizer's latent map (None otherwise).
+      latent_scale: the factor latents are multiplied by before a generator reads them (the KL
+        tokenizer's ``scale_factor``; 1 otherwise).
     """
 
     grid: tuple[int, ...]
@@ -116,6 +137,9 @@ class TokenSpec:
     example: tuple[int, ...]
     scales: tuple[int, ...] | None = None
     code_dim: int | None = None
+    kind: str = "tokens"
+    latent_dim: int | None = None
+    latent_scale: float = 1.0
 
     @property
     def video(self) -> bool:
@@ -134,8 +158,13 @@ class TokenSpec:
 
     @property
     def token_shape(self) -> tuple[int, ...]:
-        """Shape of one example's token ids: the grid, or ``(seq_len,)`` for a pyramid (the maps
-        flattened row-major and joined from the smallest scale on)."""
+        """Shape of one example's generator input: token ids over the grid, or ``(seq_len,)`` for a
+        pyramid (the maps flattened row-major and joined from the smallest scale on); the latent
+        map ``(h, w, latent_dim)`` for ``kind='latents'``; the image for ``kind='pixels'``."""
+        if self.kind == "latents":
+            return tuple(self.grid) + (int(self.latent_dim),)
+        if self.kind == "pixels":
+            return tuple(self.example)
         return (self.seq_len,) if self.scales is not None else tuple(self.grid)
 
 
@@ -165,17 +194,48 @@ def _token_spec(tokenizer_json: str, channels: int, example: tuple[int, ...]) ->
         return out.indices, out.quantized
 
     indices, quantized = jax.eval_shape(encode, jax.random.key(0), dummy)
+    if getattr(model, "continuous", False):  # a KL tokenizer: latents [1, h, w, C], no codebook
+        return TokenSpec(grid=tuple(int(s) for s in quantized.shape[1:-1]), vocab_size=None, example=example,
+                         code_dim=int(quantized.shape[-1]), kind="latents", latent_dim=int(quantized.shape[-1]),
+                         latent_scale=float(model.scale_factor))
     scales = None
     if isinstance(indices, (tuple, list)):
         scales = tuple(int(i.shape[1]) for i in indices)
         indices = indices[-1]
-    return TokenSpec(grid=tuple(int(s) for s in indices.shape[1:]), vocab_size=quantizer_codebook_size(model.quantizer),
+    return TokenSpec(grid=tuple(int(s) for s in indices.shape[1:]),
+                     vocab_size=quantizer_codebook_size(getattr(model, "quantizer", None)),
                      example=example, scales=scales, code_dim=int(quantized.shape[-1]))
 
 
 def token_spec(config) -> TokenSpec:
     """The token spec of ``config``'s tokenizer (``jax.eval_shape``: no weights, no devices)."""
+    if "tokenizer" not in config:
+        raise ValueError("the config has no tokenizer section; add one (e.g. from configs/quickstart.py), or use a "
+                         "generator over pixels, which needs none.")
     return _token_spec(config.tokenizer.to_json(), int(config.data.channels), example_shape(config))
+
+
+def pixel_spec(config) -> TokenSpec:
+    """The spec of a family that models the images themselves (``kind='pixels'``, no tokenizer)."""
+    example = example_shape(config)
+    return TokenSpec(grid=tuple(example[:-1]), vocab_size=None, example=example, kind="pixels")
+
+
+def generator_kind(config) -> str:
+    """What ``config``'s generator family models: ``'tokens'``, ``'latents'`` or ``'pixels'``."""
+    return generators.input_kind(generators.family(config.generator.arch))
+
+
+def input_spec(config) -> TokenSpec:
+    """What ``config``'s generator phase reads: :func:`pixel_spec` for a family over pixels, else
+    the :func:`token_spec` of its tokenizer."""
+    return pixel_spec(config) if generator_kind(config) == "pixels" else token_spec(config)
+
+
+def needs_tokenizer(config) -> bool:
+    """Whether the config's runs involve a tokenizer: a config without a generator, or one whose
+    generator reads tokens or latents (not pixels)."""
+    return "generator" not in config or generator_kind(config) != "pixels"
 
 
 def build_discriminator(cfg: Any, image_size: int) -> nn.Module | None:

@@ -1,4 +1,5 @@
-"""The generator phase: a generator family trained over a frozen tokenizer's tokens, and sampling.
+"""The generator phase: a generator family trained over a frozen tokenizer's tokens (or a KL
+tokenizer's latents, or the images themselves: the family's ``INPUT_KIND``), and sampling.
 
 1. :func:`build` turns a config into a :class:`~vqgen.train.common.Phase` whose step is the
    pure :func:`train_step` with the family's loss (``config.generator.arch`` picks the family of
@@ -7,7 +8,9 @@
    or count it.
 2. :func:`build_token_cache` encodes the training split once with the workdir's frozen tokenizer
    into ``tokens/train.npz`` (with ``flip_augment`` the mirrored images too, as LlamaGen does);
-   it is rebuilt when the tokenizer checkpoint changes.
+   it is rebuilt when the tokenizer checkpoint changes. A KL tokenizer's posteriors (mean and
+   log-variance) go to ``tokens/latents.npz`` instead, and every batch draws its latents from
+   them (MAR's cached training). A family over pixels reads the image pipeline directly.
 3. :func:`load_generator` restores the trained weights as a :class:`TrainedGenerator`, which
    samples token ids (class-conditional, or a family's conditional tasks from condition clips)
    and decodes them through the tokenizer.
@@ -53,10 +56,28 @@ def _plain(cfg) -> dict:
 
 
 def build_model(config, spec: builders.TokenSpec | None = None) -> tuple[ModuleType, nn.Module]:
-    """``(family module, model)`` of ``config.generator`` over the config's token spec."""
-    spec = spec or builders.token_spec(config)
+    """``(family module, model)`` of ``config.generator`` over the config's input spec (token ids,
+    a KL tokenizer's latents or the images, as the family's ``INPUT_KIND`` says)."""
     arch = config.generator.arch
     family = generators.family(arch)
+    kind = generators.input_kind(family)
+    spec = spec or builders.input_spec(config)
+    num_classes = int(config.data.num_classes)
+    if kind == "pixels":
+        return family, family.build(_plain(config.generator), num_classes=num_classes,
+                                    image_size=tuple(spec.example[:-1]), channels=int(spec.example[-1]))
+    if kind == "latents":
+        if spec.kind != "latents":
+            raise ValueError(
+                f"generator.arch={arch!r} models the continuous latents of a KL tokenizer but tokenizer.arch="
+                f"{config.tokenizer.arch!r} gives discrete code ids; use tokenizer.arch='kl' (e.g. the tokenizer "
+                "section of configs/tokenizers/kl16.py) or a generator over tokens such as 'gpt'.")
+        return family, family.build(_plain(config.generator), num_classes=num_classes, grid=tuple(spec.grid),
+                                    latent_dim=int(spec.latent_dim))
+    if spec.kind == "latents":
+        raise ValueError(
+            f"generator.arch={arch!r} models discrete token ids but tokenizer.arch={config.tokenizer.arch!r} gives "
+            "continuous latents; use generator.arch='mar', or a tokenizer with a quantizer (e.g. arch='vqgan').")
     if spec.vocab_size is None:
         raise ValueError("the generator needs a tokenizer with a discrete codebook (quantizer type vq, lfq, fsq, ibq, "
                          "rq or msrq).")
@@ -108,9 +129,32 @@ def init_state(rng: jax.Array, *, init_params: Callable, tx: optax.GradientTrans
 
 
 def fingerprint(config, spec: builders.TokenSpec) -> dict:
-    """What determines the generator's weights: its section, the vocabulary, grid and classes."""
-    return {"generator": json.loads(config.generator.to_json()), "vocab_size": spec.vocab_size,
-            "grid": list(spec.grid), "num_classes": int(config.data.num_classes)}
+    """What determines the generator's weights: its section, the vocabulary, grid and classes (and
+    the latent width or image shape for a family over latents or pixels)."""
+    out = {"generator": json.loads(config.generator.to_json()), "vocab_size": spec.vocab_size,
+           "grid": list(spec.grid), "num_classes": int(config.data.num_classes)}
+    if spec.kind == "latents":
+        out["latent_dim"], out["latent_scale"] = int(spec.latent_dim), float(spec.latent_scale)
+    elif spec.kind == "pixels":
+        out["example"] = list(spec.example)
+    return out
+
+
+def _pixel_loss(params, batch, rng, *, loss_fn):
+    """A family over pixels reads ``batch['images']``; the image pipeline gives ``'image'``."""
+    return loss_fn(params, {"images": batch["image"], "label": batch["label"]}, rng)
+
+
+def batch_spec(spec: builders.TokenSpec, batch_size: int) -> dict:
+    """The generator step's batch: ``tokens`` int32 ``[B, L]``, ``latents`` float32 ``[B, h, w, C]``
+    (scaled) or ``image`` float32 ``[B, H, W, C]`` (handed to a pixel family as ``'images'``),
+    with ``label`` int32 ``[B]``."""
+    label = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    if spec.kind == "latents":
+        return {"latents": jax.ShapeDtypeStruct((batch_size,) + spec.token_shape, jnp.float32), "label": label}
+    if spec.kind == "pixels":
+        return {"image": jax.ShapeDtypeStruct((batch_size,) + spec.example, jnp.float32), "label": label}
+    return {"tokens": jax.ShapeDtypeStruct((batch_size, spec.seq_len), jnp.int32), "label": label}
 
 
 def _needs_tokenizer() -> tuple:
@@ -124,7 +168,7 @@ def build(config) -> common.Phase:
     quantizer (VAR), its parameters are the phase's frozen input (abstract here; :func:`train`
     supplies the trained tokenizer's)."""
     gt = config.generator_train
-    spec = builders.token_spec(config)
+    spec = builders.input_spec(config)
     family, model = build_model(config, spec)
     tx = common.make_optimizer(
         lr=gt.lr, num_steps=gt.num_steps, warmup_steps=gt.warmup_steps, schedule=gt.schedule,
@@ -136,13 +180,14 @@ def build(config) -> common.Phase:
         codec, vq_abstract = quantizer_inputs(config, family)
         loss_fn = functools.partial(family.loss_fn, model, codec=codec)
         frozen = (vq_abstract,)
+    if spec.kind == "pixels":
+        loss_fn = functools.partial(_pixel_loss, loss_fn=loss_fn)
     bs = int(gt.batch_size)
     return common.Phase(
         name=NAME,
         init=functools.partial(init_state, init_params=functools.partial(family.init_params, model), tx=tx),
         step=functools.partial(train_step, loss_fn=loss_fn, tx=tx, ema_decay=float(gt.ema_decay)),
-        batch={"tokens": jax.ShapeDtypeStruct((bs, spec.seq_len), jnp.int32),
-               "label": jax.ShapeDtypeStruct((bs,), jnp.int32)},
+        batch=batch_spec(spec, bs),
         loop=common.LoopConfig(num_steps=int(gt.num_steps), log_every=int(gt.log_every), save_every=int(gt.save_every),
                                image_every=int(gt.image_every), desc=NAME),
         fingerprint=fingerprint(config, spec), init_seed=int(config.seed) + 7, step_seed=int(config.seed) + 2,
@@ -152,8 +197,9 @@ def build(config) -> common.Phase:
 # ---------------------------------------------------------------------------- tokens
 
 
-def cache_path(workdir: str) -> str:
-    return fileio.join(workdir, "tokens", "train.npz")
+def cache_path(workdir: str, kind: str = "tokens") -> str:
+    """The training cache of the workdir's tokenizer: token ids, or a KL tokenizer's posteriors."""
+    return fileio.join(workdir, "tokens", "latents.npz" if kind == "latents" else "train.npz")
 
 
 def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenTokenizer,
@@ -165,7 +211,7 @@ def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenToken
     ``config.video.cache_clips`` where the config has a ``video`` section. A cache made from the
     same tokenizer step is reused as is, whatever its size.
     """
-    path = path or cache_path(workdir)
+    path = path or cache_path(workdir, tokenizer.spec.kind)
     if token_data.cache_tokenizer_step(path) == tokenizer.step:
         return path
     if max_examples is None and "video" in config:
@@ -175,6 +221,15 @@ def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenToken
     views = [arrays["image"]]
     if config.generator_train.flip_augment:
         views.append(arrays["image"][..., ::-1, :])  # mirror the width axis (images and video)
+    if tokenizer.spec.kind == "latents":  # the posteriors; the pipeline draws a latent per batch
+        moments = [tokenizer.posterior(v, desc="encode") for v in views]
+        if parallel.is_main_process():
+            token_data.write_latent_cache(path, np.stack([m for m, _ in moments], axis=1),
+                                          np.stack([lv for _, lv in moments], axis=1), arrays["label"],
+                                          tokenizer.spec.grid, tokenizer.step)
+        logging.info("encoded %d examples (%d views) in %.1fs -> %s", len(arrays["label"]), len(views),
+                     time.perf_counter() - t0, path)
+        return path
     tokens = np.stack([tokenizer.encode(v, desc="tokenise").reshape(len(v), -1) for v in views], axis=1)
     if parallel.is_main_process():
         token_data.write_token_cache(path, tokens, arrays["label"], tokenizer.spec.grid, tokenizer.step)
@@ -183,11 +238,19 @@ def build_token_cache(config, workdir: str, tokenizer: tokenizer_lib.FrozenToken
     return path
 
 
-def make_data(config, path: str):
-    """The shuffled, repeated token stream of the cache at ``path`` (its state is checkpointed)."""
+def make_data(config, path: str | None):
+    """The shuffled, repeated stream of the generator phase (its state is checkpointed): the token
+    or latent cache at ``path``, or for a family over pixels (``path=None``) the images of
+    ``config.data``."""
+    bs = int(config.generator_train.batch_size)
+    if path is None:
+        _, it = tokenizer_lib.make_data(config, "train", train=True, batch_size=bs)
+        return it
+    if token_data.is_latent_cache(path):
+        return token_data.make_latent_pipeline(token_data.LatentSource(path), scale=builders.token_spec(config).latent_scale,
+                                               global_batch_size=bs, seed=config.seed)
     source = token_data.TokenSource(path)
-    return token_data.make_token_pipeline(source, global_batch_size=config.generator_train.batch_size,
-                                          seed=config.seed)
+    return token_data.make_token_pipeline(source, global_batch_size=bs, seed=config.seed)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -198,7 +261,8 @@ class TrainedGenerator:
     """A generator's weights with what samples from them: family, model, options, tokenizer.
 
     ``tokenizer`` may be None (a workdir without one): then token ids can be sampled but not
-    decoded or conditioned on clips.
+    decoded or conditioned on clips. A family over pixels has none and needs none: its samples
+    are the images.
     """
 
     config: Any
@@ -231,7 +295,8 @@ class TrainedGenerator:
 
     def sample_tokens(self, labels: Any, rng: jax.Array, *, condition: np.ndarray | None = None,
                       batch_size: int | None = None, **options: Any) -> np.ndarray:
-        """int32 token ids ``[N, *spec.token_shape]`` for class ids ``labels [N]``.
+        """int32 token ids ``[N, *spec.token_shape]`` for class ids ``labels [N]`` (for a family over
+        latents float32 scaled latent maps ``[N, h, w, C]``; over pixels float32 images in [-1, 1]).
 
         ``condition``: float clips in [-1, 1] ``[N, T, H, W, C]`` for a conditional task of the
         family (``task=...``, e.g. MAGVIT's frame prediction); their condition region is
@@ -276,11 +341,19 @@ class TrainedGenerator:
                                                    tok, msk)
 
             tokens = common.map_batches(run, (labels, ctoks, known), bs)
-        return np.asarray(tokens, np.int32).reshape((len(labels),) + self.spec.token_shape)
+        dtype = np.int32 if self.spec.kind == "tokens" else np.float32
+        return np.asarray(tokens, dtype).reshape((len(labels),) + self.spec.token_shape)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """float32 images in [-1, 1] of token ids ``[N, *spec.token_shape]``."""
+        """float32 images in [-1, 1] of token ids ``[N, *spec.token_shape]`` (scaled latents for a
+        family over latents; a family over pixels samples the images, returned clipped)."""
+        if self.spec.kind == "pixels":
+            return np.clip(np.asarray(tokens, np.float32), -1.0, 1.0)
         return self._need_tokenizer("decoding tokens to images").decode(tokens)
+
+    def sample_images(self, labels: Any, rng: jax.Array, **options: Any) -> np.ndarray:
+        """float32 images in [-1, 1] for class ids ``labels``: sampled, then decoded where needed."""
+        return self.decode(self.sample_tokens(labels, rng, **options))
 
 
 def _restore_params(config, workdir: str, mesh, rules, model, family, spec, use_ema: bool) -> tuple[Any, int]:
@@ -305,10 +378,12 @@ def load_generator(config, workdir: str, mesh=None, *, use_ema: bool | None = No
     says otherwise) with its tokenizer when the workdir has one (``tokenizer=False``: none)."""
     mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
     rules = parallel.rules_from_config(config.logical_rules)
-    spec = builders.token_spec(config)
+    spec = builders.input_spec(config)
     family, model = build_model(config, spec)
     use_ema = bool(config.sample.use_ema) if use_ema is None else use_ema
     params, step = _restore_params(config, workdir, mesh, rules, model, family, spec, use_ema)
+    if spec.kind == "pixels":
+        tokenizer = None
     if tokenizer is True:
         has = fileio.exists(fileio.join(workdir, "checkpoints", tokenizer_lib.NAME))  # local or gs://
         tokenizer = tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh) if has else None
@@ -325,16 +400,21 @@ def train(config, workdir: str, mesh=None, tokenizer: tokenizer_lib.FrozenTokeni
     rules = parallel.rules_from_config(config.logical_rules)
     parallel.check_batch_size(config.generator_train.batch_size, mesh)
     phase = build(config)  # before the tokenizer: a bad generator config fails without reading weights
-    tokenizer = tokenizer or tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh)
-    if phase.frozen:  # the family reads the tokenizer's quantizer
-        phase = dataclasses.replace(phase, load_frozen=lambda: (tokenizer.params["quantizer"],))
-    data_iter = make_data(config, build_token_cache(config, workdir, tokenizer))
-    family, model = build_model(config, tokenizer.spec)
+    if builders.generator_kind(config) == "pixels":  # the images themselves: no tokenizer, no cache
+        tokenizer, spec = None, builders.pixel_spec(config)
+        data_iter = make_data(config, None)
+    else:
+        tokenizer = tokenizer or tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh)
+        spec = tokenizer.spec
+        if phase.frozen:  # the family reads the tokenizer's quantizer
+            phase = dataclasses.replace(phase, load_frozen=lambda: (tokenizer.params["quantizer"],))
+        data_iter = make_data(config, build_token_cache(config, workdir, tokenizer))
+    family, model = build_model(config, spec)
     num_classes = int(config.data.num_classes)
 
     def on_images(writer, step, state):
         gen = TrainedGenerator(config=config, family=family, model=model, params=state.ema_params,
-                               spec=tokenizer.spec, tokenizer=tokenizer, mesh=mesh, rules=rules, step=step)
+                               spec=spec, tokenizer=tokenizer, mesh=mesh, rules=rules, step=step)
         tokens = gen.sample_tokens(np.arange(num_classes), jax.random.key(step), batch_size=num_classes)
         images = gen.decode(tokens)
         writer.image(step, "samples", common.image_grid(images if images.ndim == 4 else images[:, 0]))

@@ -216,8 +216,13 @@ def init_state(rng: jax.Array, *, model: nn.Module, disc: nn.Module | None, tx: 
 
 
 def architecture_fingerprint(config) -> dict:
-    """What determines the tokenizer's weights and tokens: its section and the image channels."""
-    return {"tokenizer": json.loads(config.tokenizer.to_json()), "channels": int(config.data.channels)}
+    """What determines the tokenizer's weights and tokens: its section and the image channels. A KL
+    tokenizer's ``scale_factor`` is left out: it scales the latents a generator reads, not the
+    VAE's weights (the generator's fingerprint holds it), so it can be set after the VAE is trained."""
+    section = json.loads(config.tokenizer.to_json())
+    if section.get("arch") == "kl":
+        section.pop("scale_factor", None)
+    return {"tokenizer": section, "channels": int(config.data.channels)}
 
 
 def build(config) -> common.Phase:
@@ -278,8 +283,14 @@ def make_data(config, split: str = "train", train: bool = True, batch_size: int 
                                num_frames=example[0] if len(example) == 4 else 16, seed=config.seed,
                                resize=dc.get("resize", "center_crop"))
     return source, vdata.make_pipeline(
-        source, global_batch_size=batch_size or config.tokenizer_train.batch_size, seed=config.seed, train=train,
+        source, global_batch_size=batch_size or _batch_size(config), seed=config.seed, train=train,
         random_crop=dc.random_crop, random_flip=dc.random_flip)
+
+
+def _batch_size(config) -> int:
+    """The tokenizer's batch size; a config without a tokenizer (a family over pixels) uses the generator's."""
+    section = config.tokenizer_train if "tokenizer_train" in config else config.generator_train
+    return int(section.batch_size)
 
 
 def eval_images(config, split: str = "test", max_examples: int | None = None) -> dict[str, np.ndarray]:
@@ -298,6 +309,11 @@ class FrozenTokenizer:
     ``encode`` maps float images in [-1, 1] (``[N, H, W, C]``, video ``[N, T, H, W, C]``) to code
     ids ``[N, *spec.token_shape]`` (the grid; the flattened pyramid for a multi-scale tokenizer); ``decode`` maps ids back to float images clipped to [-1, 1]. Both
     run in fixed-size batches (the last one padded) on ``mesh``.
+
+    A KL tokenizer (``spec.kind == 'latents'``) has no ids: ``encode`` gives its posterior means
+    times ``spec.latent_scale`` (float32 ``[N, h, w, C]``, what a generator over latents reads),
+    ``decode`` divides such latents by the scale and decodes them, and ``posterior`` gives the
+    unscaled ``(mean, logvar)``.
     """
 
     model: nn.Module
@@ -321,6 +337,16 @@ class FrozenTokenizer:
         self._encode = jax.jit(lambda p, s, x: builders.flat_indices(
             model.apply({"params": p, **s}, x, method="encode").indices))
         self._decode = jax.jit(decode)
+        if self.spec.kind == "latents":
+            scale = float(self.spec.latent_scale)
+
+            def decode_latents(p, s, z):  # z [B, h, w, C], scaled
+                images = model.apply({"params": p, **s}, z / scale, method="decode")
+                return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+            self._encode = jax.jit(lambda p, s, x: model.apply({"params": p, **s}, x, method="posterior")[0] * scale)
+            self._decode = jax.jit(decode_latents)
+            self._posterior = jax.jit(lambda p, s, x: model.apply({"params": p, **s}, x, method="posterior"))
         self._reconstruct = jax.jit(lambda p, s, x: _reconstruct(model, p, s, x))
         self._prefix: dict = {}
 
@@ -335,11 +361,27 @@ class FrozenTokenizer:
     def encode(self, images: np.ndarray, desc: str | None = None) -> np.ndarray:
         """int32 code ids ``[N, *spec.token_shape]`` of float images in [-1, 1] (the grid, or the
         flattened pyramid ``[N, L]`` of a multi-scale tokenizer)."""
-        ids = self._run(self._encode, np.asarray(images, np.float32), desc=desc).astype(np.int32)
+        out = self._run(self._encode, np.asarray(images, np.float32), desc=desc)
+        if self.spec.kind == "latents":
+            return np.asarray(out, np.float32)
+        ids = out.astype(np.int32)
         return ids.reshape((len(ids),) + self.spec.token_shape)
 
+    def posterior(self, images: np.ndarray, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A KL tokenizer's unscaled posterior ``(mean, logvar)``, float32 ``[N, h, w, C]`` each."""
+        if self.spec.kind != "latents":
+            raise ValueError("posterior needs a KL tokenizer (tokenizer.arch='kl'); a VQ tokenizer gives code ids.")
+        return self._run(self._posterior, np.asarray(images, np.float32), desc=desc)
+
     def decode(self, indices: np.ndarray) -> np.ndarray:
-        """float32 images in [-1, 1] of code ids ``[N, *spec.token_shape]`` (or ``[N, L]``)."""
+        """float32 images in [-1, 1] of code ids ``[N, *spec.token_shape]`` (or ``[N, L]``; scaled
+        latents ``[N, h, w, C]`` for a KL tokenizer)."""
+        if self.spec.kind == "latents":
+            z = np.asarray(indices, np.float32)
+            if z.shape[1:] != self.spec.token_shape:
+                raise ValueError(f"latents of shape {z.shape} are not [N, {', '.join(map(str, self.spec.token_shape))}]"
+                                 f"; pass this KL tokenizer's latent maps ({self.spec.latent_dim} channels).")
+            return self._run(self._decode, z)
         ids = np.asarray(indices, np.int32)
         if ids.size != len(ids) * self.spec.seq_len:
             raise ValueError(f"token ids of shape {ids.shape} do not hold {self.spec.seq_len} tokens per example; pass "
@@ -473,6 +515,10 @@ def evaluate(config, tokenizer: FrozenTokenizer, max_examples: int | None = None
     if usage is not None:
         usage.update(indices)
         out.update({f"codebook_{k}": float(v) for k, v in usage.result().items()})
+    if tokenizer.spec.kind == "latents":  # the scaled latents a generator reads: near unit std is the aim
+        scaled = tokenizer.encode(images[:256])  # the posterior means times spec.latent_scale
+        out["scaled_latent_std"] = float(np.std(scaled))
+        out["latent_std"] = float(np.std(scaled) / tokenizer.spec.latent_scale)  # 1 / a scale_factor to aim for
     if tokenizer.spec.scales is not None:  # coarse to fine: PSNR of the first k scales' reconstruction
         out["psnr_by_scale"] = [
             float(np.mean(em.psnr(images, tokenizer.decode_scales(indices, k))))
