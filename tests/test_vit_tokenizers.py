@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vqgen import config_lib, parallel
+from vqgen.losses import adversarial as adv
 from vqgen.quantizers import VectorQuantizer
 from vqgen.tokenizers import vit
 from vqgen.train import builders, common
@@ -214,3 +215,56 @@ def test_tiny_titok_trains_through_the_tokenizer_phase():
     assert losses[-1]["d_weight"] > 0 and "q/usage" in losses[-1]
     assert losses[-1]["loss"] != losses[0]["loss"]
     assert np.isfinite(np.asarray(jax.device_get(state.params["decoder"]["conv_out"]["kernel"]))).all()
+
+
+class _OwnLastLayer(nn.Module):
+    """A tokenizer whose last layer is not the conv VQGAN's ``decoder/conv_out/kernel`` (it has no
+    ``decoder`` at all): the trainer must read ``last_layer``."""
+
+    quantizer: nn.Module
+    last_layer = ("out", "kernel")
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        q = self.quantizer(nn.Dense(4, name="enc")(x), train=train)  # [B, H, W, 4]
+        h = nn.Dense(8, name="mid")(q.quantized)
+        return nn.Dense(x.shape[-1], name="out")(jnp.tanh(h)), q
+
+
+@pytest.mark.parametrize("name", ["vit_vqgan", "titok", "titok_proxy"])
+def test_vit_last_layer_names_a_parameter(name):
+    """Each ViT tokenizer's ``last_layer`` is a kernel of its own tree (shapes only, no compile)."""
+    model = _titok(patch_size=16, image_size=32, decoder_head="proxy_codes") if name == "titok_proxy" else MODELS[name][0]()
+    size = 32 if name == "titok_proxy" else 16
+    params = jax.eval_shape(model.init, jax.random.key(0), _images(size=size))["params"]
+    leaf = functools.reduce(lambda t, k: t[k], model.last_layer, nn.meta.unbox(params))
+    assert model.last_layer[-1] == "kernel" and leaf.ndim >= 2
+    assert model.last_layer == (("pixel_decoder", "conv_out", "kernel") if name == "titok_proxy" else vit.LAST_LAYER)
+
+
+def test_adaptive_gan_weight_reads_the_models_last_layer():
+    """d_weight of the tokenizer step = ||g_rec|| / (||g_gan|| + eps) at ``model.last_layer``,
+    the two gradients taken separately with jax.grad (a model without ``decoder/conv_out``)."""
+    model = _OwnLastLayer(quantizer=VectorQuantizer(codebook_size=8, l2_normalize=True))
+    disc = builders.build_discriminator(config_lib.disc_config(type="patchgan", ch=4, n_layers=1), 16)
+    tx = disc_tx = common.make_optimizer(lr=1e-3, num_steps=2, schedule="constant")
+    lc = tokenizer_lib.LossConfig(disc_weight=0.5, adaptive_weight=True)
+    state = parallel.unbox(_fast_jit(functools.partial(
+        tokenizer_lib.init_state, model=model, disc=disc, tx=tx, disc_tx=disc_tx, example=(16, 16, 1)),
+        jax.random.key(0)))
+    x, rng = _images(4), jax.random.key(3)
+
+    def part(p, s, i):  # the reconstruction (i=0) or the GAN (i=1) side of the loss, as the step folds its rng
+        (losses, _) = tokenizer_lib.generator_losses(p, s, x, jax.random.fold_in(rng, s.step), None,
+                                                     model=model, disc=disc, lc=lc)
+        return losses[i]
+
+    def expected(s):
+        at = lambda g: functools.reduce(lambda t, k: t[k], model.last_layer, g)
+        return adv.adaptive_weight(at(jax.grad(part)(s.params, s, 0)), at(jax.grad(part)(s.params, s, 1)))
+
+    step = functools.partial(tokenizer_lib.train_step, model=model, disc=disc, tx=tx, disc_tx=disc_tx, lc=lc)
+    want, (_, metrics) = _fast_jit(lambda s: (expected(s), step(s, {"image": x, "label": jnp.zeros(4, jnp.int32)},
+                                                                rng, None)), state)
+    assert float(want) > 0
+    np.testing.assert_allclose(metrics["d_weight"], want, rtol=1e-5)
