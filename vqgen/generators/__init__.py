@@ -85,6 +85,7 @@ FAMILIES = {
     "magvit": "vqgen.generators.magvit",
     "var": "vqgen.generators.var",
     "mar": "vqgen.generators.mar",
+    "fractal": "vqgen.generators.fractal",
 }
 
 # The values of a family's optional INPUT_KIND (see the module docstring); absent means "tokens".
