@@ -251,12 +251,13 @@ def write_workdir(config, workdir: str, *, tokenizer_params: Mapping | None = No
     ``ema_params`` fields (both phases' states are).
     """
     # Imported here: the training stack is heavy and reading files does not need it.
-    from vqgen import parallel
+    from vqgen import fileio, parallel
     from vqgen.checkpoint import IncompatibleCheckpointError
     from vqgen.train import common, run
     from vqgen.train import generator as generator_lib
     from vqgen.train import tokenizer as tokenizer_lib
 
+    workdir = fileio.display(workdir)  # `--out runs/x` as typed; Orbax writes to absolute paths only
     phases = []
     if tokenizer_params is not None:
         phases.append((tokenizer_lib.build(config), tokenizer_params))
