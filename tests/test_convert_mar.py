@@ -10,9 +10,13 @@ checkout) hold manifests from which the official state dicts are rebuilt exactly
 - ``mar_tiny.npz``: a MAR (4x4 tokens of 4 channels, encoder 32 wide with 2 blocks, decoder 24
   wide with 1 block, 2 buffer tokens, 5 classes): the decoder output for given latents, labels
   (one "no label") and mask, and ``forward_loss`` at fixed timesteps and noise.
+- ``vae_tiny.npz``: LDM's ``AutoencoderKL`` as MAR ships it (filters 32, multipliers (1, 2), 4
+  latent channels, encoder attention at resolution 8 of 16): posterior mean and log-variance of
+  given images, and the decode of the mean and of a posterior draw at stored noise.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -215,3 +219,107 @@ def test_mar_sampler_iterations_match(mar_fx, run, monkeypatch):
     tokens = fn(model, params, labels, jax.random.key(0), opts, False, jnp.asarray(mar_fx["orders"]))
     want = mar_lib.patchify(jnp.asarray(mar_fx[f"sample_{run}"].transpose(0, 2, 3, 1)))
     _close(tokens, want)
+
+
+# -------------------------------------------------------------------------------- the KL-VAE
+
+VAE_FIXTURE = Path(__file__).parent / "fixtures" / "mar" / "vae_tiny.npz"
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module")
+def vae_fx() -> dict:
+    with np.load(VAE_FIXTURE) as f:
+        data = {k: f[k] for k in f.files}
+    data["manifest"] = json.loads(str(data["manifest"]))
+    rs = np.random.RandomState(data["manifest"]["config"]["seed"])
+    state = {}
+    for key, shape, scale, offset, checksum in data["manifest"]["params"]:
+        w = (rs.standard_normal(shape) * scale + offset).astype(np.float32)
+        assert np.isclose(np.sum(w, dtype=np.float64), checksum, rtol=1e-9, atol=1e-9), f"{key} differs"
+        state[key] = w
+    data["state"] = state
+    return data
+
+
+def test_vae_latents_and_reconstructions_match(vae_fx):
+    """LDM's AutoencoderKL as MAR ships it: posterior mean and log-variance, the decode of the mean
+    and of a posterior draw at the stored noise, all to 1e-4 after conversion."""
+    cfg = vae_fx["manifest"]["config"]
+    info = convert_mar.inspect_vae(vae_fx["state"])
+    assert (info.ch, info.ch_mult, info.num_res_blocks, info.embed_dim) == (32, (1, 2), 1, 4)
+    assert (info.encoder_attn_levels, info.decoder_attn_levels) == ((1,), ())  # resolution 8 of 16, encoder only
+    model = info.module(resolution=cfg["resolution"])
+    params = jax.tree.map(jnp.asarray, convert_mar.convert_vae(vae_fx["state"], info))
+    x = jnp.asarray(_nhwc(vae_fx["x"]))
+    mean, logvar = model.apply({"params": params}, x, method="posterior")
+    _close(mean, _nhwc(vae_fx["mean"]))
+    _close(logvar, _nhwc(vae_fx["logvar"]))
+    _close(model.apply({"params": params}, mean, method="decode"), _nhwc(vae_fx["recon"]))
+    z = mean + jnp.exp(0.5 * logvar) * _nhwc(vae_fx["eps"])
+    _close(model.apply({"params": params}, z, method="decode"), _nhwc(vae_fx["recon_sample"]))
+    # The tokenizer phase's forward pass at evaluation decodes the mean.
+    recon, q = model.apply({"params": params}, x)
+    _close(recon, _nhwc(vae_fx["recon"]))
+    np.testing.assert_array_equal(q.quantized, mean)
+
+
+def test_vae_manifest_and_pair_refusals(vae_fx, mar_fx):
+    state = vae_fx["state"]
+    with pytest.raises(convert_mar.ConversionError, match="is a MAR transformer state dict, not the KL-VAE; pass it "
+                                                          "as --mar"):
+        convert_mar.inspect_vae(mar_fx["state"])
+    with pytest.raises(convert_mar.ConversionError, match=r"is not a KL-VAE state dict: missing 1 key "
+                                                          r"\(decoder.up.1.upsample.conv.bias\)"):
+        convert_mar.inspect_vae({k: v for k, v in state.items() if k != "decoder.up.1.upsample.conv.bias"})
+    # LDM's training-loss entries saved beside the VAE are accepted (not converted).
+    assert convert_mar.inspect_vae({**state, "loss.logvar": np.zeros(())}) == convert_mar.inspect_vae(state)
+    mar_info = convert_mar.inspect_mar(mar_fx["state"], encoder_heads=4, decoder_heads=2)
+    assert convert_mar.check_pair(convert_mar.inspect_vae(state), mar_info) == 1
+    wide = dataclasses.replace(convert_mar.inspect_vae(state), embed_dim=16)
+    with pytest.raises(convert_mar.ConversionError, match="has 16 latent channels but the MAR file reads 4-channel "
+                                                          "tokens, which no patch of 16-channel latents makes; pass "
+                                                          "the VAE the MAR was trained with"):
+        convert_mar.check_pair(wide, mar_info)
+
+
+@pytest.mark.slow  # ~40 s on an idle 2-core CPU: it writes, restores and samples a workdir
+def test_command_line_writes_a_workdir_of_ema_weights(vae_fx, mar_fx, tmp_path):
+    """``python -m vqgen.convert.mar --vae --mar --out``: EMA weights by default, loaded through the
+    public API; the VAE's latents and the MAR's decoder output are the official ones."""
+    torch = pytest.importorskip("torch", reason="the converter reads PyTorch files (CI installs torch CPU)")
+    import vqgen
+
+    as_torch = lambda st: {k: torch.from_numpy(np.array(v)) for k, v in st.items()}  # noqa: E731
+    raw = {k: v + 1.0 for k, v in mar_fx["state"].items()}  # the non-EMA weights differ
+    torch.save({"model": as_torch(vae_fx["state"])}, tmp_path / "kl.ckpt")
+    torch.save({"model": as_torch(raw), "model_ema": as_torch(mar_fx["state"]), "epoch": 3}, tmp_path / "mar.pth")
+    torch.save({"model": as_torch(raw)}, tmp_path / "mar_raw.pth")
+    out = tmp_path / "wd"
+    convert_mar.main(["--vae", str(tmp_path / "kl.ckpt"), "--mar", str(tmp_path / "mar.pth"), "--out", str(out),
+                      "--encoder-heads", "4", "--decoder-heads", "2", "--dtype", "float32"])
+    config = vqgen.load_config_from_workdir(str(out))
+    assert config.generator.arch == "mar" and config.data.image_size == 8 and config.data.num_classes == 5
+    tok = vqgen.load_tokenizer(str(out))
+    x = _nhwc(vae_fx["x"])[:, :8, :8]  # the converted config reads 8px images (a 4x4 latent grid)
+    latents = tok.encode(x)
+    info = convert_mar.inspect_vae(vae_fx["state"])
+    model = info.module(resolution=8)
+    mean, _ = model.apply({"params": jax.tree.map(jnp.asarray, convert_mar.convert_vae(vae_fx["state"], info))},
+                          jnp.asarray(x), method="posterior")
+    _close(latents, config.tokenizer.scale_factor * np.asarray(mean))
+    gen = vqgen.load_generator(str(out))
+    got = jax.tree.map(np.asarray, gen._trained.params)
+    want = convert_mar.convert_mar(mar_fx["state"], encoder_heads=4, decoder_heads=2)
+    np.testing.assert_allclose(got["z_proj"]["kernel"], want["z_proj"]["kernel"])
+    assert gen.sample([0, 4], jax.random.key(0), num_iter=2, diffusion_steps=2).shape == (2, 8, 8, 3)
+    with pytest.raises(convert_mar.ConversionError, match="holds no EMA weights .* pass --no-ema"):
+        convert_mar.convert_files(None, str(tmp_path / "mar_raw.pth"), str(tmp_path / "wd2"), encoder_heads=4,
+                                  decoder_heads=2)
+    assert not (tmp_path / "wd2").exists()
+    with pytest.raises(convert_mar.ConversionError, match=r"checkpoints/generator already holds a checkpoint"):
+        convert_mar.convert_files(None, str(tmp_path / "mar.pth"), str(out), encoder_heads=4, decoder_heads=2,
+                                  dtype="float32")

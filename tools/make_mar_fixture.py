@@ -1,5 +1,5 @@
-"""Makes ``tests/fixtures/mar/diffloss_tiny.npz`` and ``mar_tiny.npz``: golden outputs of the
-official MAR code (LTH14/mar; tiny, random weights).
+"""Makes ``tests/fixtures/mar/diffloss_tiny.npz``, ``mar_tiny.npz`` and ``vae_tiny.npz``: golden
+outputs of the official MAR code (LTH14/mar; tiny, random weights).
 
     git clone https://github.com/LTH14/mar /tmp/mar
     pip install timm==0.9.12        # MAR's pinned version, for its transformer blocks
@@ -23,6 +23,13 @@ at each iteration, the guidance batch and ramp and the writes are MAR's, the dif
 not (they are checked in ``diffloss_tiny.npz``).
 torchvision, which timm imports for its data transforms only, is replaced by a stub when it does
 not import (it does not beside the CPU torch wheel).
+
+``vae_tiny.npz``: the official ``AutoencoderKL`` (``models/vae.py``, LDM's KL-VAE) with
+``embed_dim=4`` and ``ch_mult=(1, 2)``, its encoder and decoder rebuilt at filters 32 (GroupNorm's
+32 groups need it), one res block per level, 16px images and attention at resolution 8 in the
+encoder only (MAR's KL-16 has it at 16 of 256 in the encoder only): the posterior ``mean`` and
+``logvar`` of given images (``posterior.mean``, ``posterior.logvar``, NCHW), ``recon``
+(``decode(mean)``) and ``recon_sample`` (``decode(mean + std * eps)`` for the stored ``eps``).
 
 The weights are not stored: the ``.npz`` holds a manifest of every state-dict entry, and each
 parameter is ``standard_normal(shape) * scale + offset`` drawn in manifest order from
@@ -59,6 +66,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "tests", "fixtures", "mar", "diffloss_tiny.npz")
 DEFAULT_MAR_OUT = os.path.join(REPO, "tests", "fixtures", "mar", "mar_tiny.npz")
+DEFAULT_VAE_OUT = os.path.join(REPO, "tests", "fixtures", "mar", "vae_tiny.npz")
 
 CONFIG = dict(target_channels=4, z_channels=6, width=16, depth=2, num_sampling_steps="10", rows=12, samples=5,
               temperature=0.7, cfg=2.5, seed=0)
@@ -67,6 +75,8 @@ MAR_CONFIG = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32
                   class_num=5, buffer_size=2, diffloss_d=1, diffloss_w=16, num_sampling_steps="10",
                   diffusion_batch_mul=2, mask_ratio_min=0.7)
 MAR_INPUTS = dict(batch=3, labels=(1, 4, -1), masked=12, seed=2)  # label -1: the fake latent
+VAE_CONFIG = dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_resolutions=(8,),
+                  decoder_attn_resolutions=(), resolution=16, in_channels=3, images=2, seed=4)
 SAMPLE_RUNS = {  # sample_tokens settings (labels None: MAR's unconditional generation)
     "linear": dict(labels=(1, 4, 0), num_iter=5, cfg=2.0, cfg_schedule="linear", temperature=0.5),
     "constant": dict(labels=(3, 2, 2), num_iter=16, cfg=3.0, cfg_schedule="constant", temperature=0.0),
@@ -122,10 +132,13 @@ def _stub_torchvision() -> None:
 
 def _draw(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """``(scale, offset)`` of a parameter: every one of order one in its role."""
-    if key.endswith(("in_ln.weight", "norm1.weight", "norm2.weight", "_norm.weight", "z_proj_ln.weight")):
+    if key.endswith(("in_ln.weight", "norm1.weight", "norm2.weight", "_norm.weight", "z_proj_ln.weight",
+                     "norm.weight", "norm_out.weight")):
         return 0.2, 1.0
     if key.endswith(".bias"):
         return 0.1, 0.0
+    if len(shape) == 4:  # a conv weight [O, I, kh, kw]: unit gain over its fan-in
+        return 1.0 / math.sqrt(shape[1] * shape[2] * shape[3]), 0.0
     if len(shape) != 2 or key == "class_emb.weight":  # tables: class embeddings, positions, fake latent, mask token
         return 0.5, 0.0
     gain = 0.5 if "adaLN_modulation" in key else 1.0
@@ -226,9 +239,48 @@ def main(argv=None) -> None:
     parser.add_argument("--mar-repo", required=True, help="a checkout of https://github.com/LTH14/mar")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--mar-out", default=DEFAULT_MAR_OUT)
+    parser.add_argument("--vae-out", default=DEFAULT_VAE_OUT)
+    parser.add_argument("--only", choices=("diffloss", "mar", "vae"), default=None, help="make one fixture only")
     args = parser.parse_args(argv)
-    make_diffloss(args.mar_repo, args.out)
-    make_mar(args.mar_repo, args.mar_out)
+    if args.only in (None, "diffloss"):
+        make_diffloss(args.mar_repo, args.out)
+    if args.only in (None, "mar"):
+        make_mar(args.mar_repo, args.mar_out)
+    if args.only in (None, "vae"):
+        make_vae(args.mar_repo, args.vae_out)
+
+
+def make_vae(mar_repo: str, out: str) -> None:
+    """``vae_tiny.npz`` (see the module docstring)."""
+    import torch
+
+    sys.path.insert(0, os.path.abspath(mar_repo))
+    from models import vae as official  # noqa: E402  (the official module)
+
+    torch.set_grad_enabled(False)
+    cfg = VAE_CONFIG
+    model = official.AutoencoderKL(embed_dim=cfg["embed_dim"], ch_mult=cfg["ch_mult"])
+    arch = dict(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["num_res_blocks"],
+                resolution=cfg["resolution"], z_channels=cfg["embed_dim"], in_channels=cfg["in_channels"],
+                out_ch=cfg["in_channels"], dropout=0.0)
+    model.encoder = official.Encoder(attn_resolutions=cfg["encoder_attn_resolutions"], double_z=True, **arch)
+    model.decoder = official.Decoder(attn_resolutions=cfg["decoder_attn_resolutions"], **arch)
+    model = model.float().eval()
+    manifest = _randomize(model, cfg["seed"])
+    ins = np.random.RandomState(cfg["seed"] + 1)
+    n, side = cfg["images"], cfg["resolution"]
+    x = np.clip(ins.standard_normal((n, cfg["in_channels"], side, side)) * 0.5, -1, 1).astype(np.float32)  # NCHW
+    posterior = model.encode(torch.from_numpy(x))
+    mean, logvar = posterior.mean, posterior.logvar
+    eps = ins.standard_normal(tuple(mean.shape)).astype(np.float32)
+    recon = model.decode(mean)
+    recon_sample = model.decode(mean + posterior.std * torch.from_numpy(eps))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    np.savez_compressed(out, manifest=json.dumps({"config": cfg, "params": manifest}), x=x, mean=mean.numpy(),
+                        logvar=logvar.numpy(), eps=eps, recon=recon.numpy(), recon_sample=recon_sample.numpy())
+    print(f"wrote {out} ({os.path.getsize(out)} bytes): {sum(int(np.prod(e[1])) for e in manifest)} parameters, "
+          f"recon max |x| {float(recon.abs().max()):.3g}, logvar in [{float(logvar.min()):.3g}, "
+          f"{float(logvar.max()):.3g}]")
 
 
 def make_diffloss(mar_repo: str, out_path: str) -> None:

@@ -1,9 +1,36 @@
-"""Convert MAR's released PyTorch weights (LTH14/mar) into vqgen parameters.
+"""Convert MAR's released PyTorch weights (LTH14/mar) into a vqgen workdir.
+
+    python -m vqgen.convert.mar --vae kl16.ckpt --mar mar_base.pth --out runs/mar_b
+    python -m vqgen.convert.mar --vae kl16.ckpt --out runs/kl16            # tokenizer only
+    python -m vqgen.convert.mar --mar mar_large.pth --out runs/mar_l_gen    # generator only
+
+The workdir holds ``config.json`` and step-0 checkpoints of the tokenizer and/or generator phases
+(:mod:`vqgen.convert.workdir`), so ``vqgen.load_tokenizer(out)`` / ``vqgen.load_generator(out)``
+and ``--mode=sample`` use it as if vqgen had trained it. The config is the paper config,
+``configs/generators/mar.py:B|L|H`` (by the encoder width 768 / 1024 / 1280; ``B`` for other
+widths) or ``configs/tokenizers/kl16.py`` for a VAE alone, with every size read from the tensor
+shapes written over it. The MAR checkpoint's EMA weights (``model_ema``) are converted unless
+``--no-ema`` asks for the raw ``model`` weights. ``--dtype float32`` sets both compute dtypes.
+
+Files: ``torch.load(map_location="cpu", weights_only=True)`` (the pickled ``argparse.Namespace``
+of MAR's training checkpoints is read as an inert placeholder, nothing it names is built) of a
+plain state dict, MAR's ``{"model", "model_ema", ...}`` checkpoint or the VAE's ``{"model": ...}``,
+or a ``.safetensors`` file. Every expected key and shape is checked before anything is written;
+a file of another kind or size, or a VAE whose latent width is not the one the MAR reads, is
+refused with one sentence. The VAE file's LDM training-loss entries (``loss.*``: LPIPS, the
+discriminator, the output log-variance) are accepted and not converted.
+
+KL-VAE (``models/vae.py``, LDM's ``AutoencoderKL`` -> :class:`vqgen.tokenizers.kl.KLVAE`): taming's
+encoder/decoder keys mapped by :mod:`vqgen.convert.conv_blocks` as the VQGAN converters map them
+(``encoder.down.{i}.block.{j}`` -> ``encoder/down_{i}_block_{j}``, ``.attn.{j}`` ->
+``down_{i}_attn_{j}``, ``.downsample.conv`` -> ``down_{i}_downsample/conv``, ``decoder.up.{i}.*``
+-> ``decoder/up_{i}_*``, ``mid.{block_1,attn_1,block_2}`` -> ``mid_block_1``, ``mid_attn_1``,
+``mid_block_2``), ``quant_conv`` / ``post_quant_conv`` keep their names. The latent width is
+``post_quant_conv``'s; which levels have attention is read per half from the keys.
 
 This module maps MAR's transformer (``models/mar.py``) onto :class:`vqgen.generators.mar.MAR` and
 its diffusion head (``DiffLoss.net``, ``SimpleMLPAdaLN``) onto
-:class:`vqgen.generators.diffusion_loss.DiffusionHead`; the KL-16 VAE and the command line that
-writes a workdir are to build on it.
+:class:`vqgen.generators.diffusion_loss.DiffusionHead`:
 
 Transformer (PyTorch -> vqgen; linear weights ``[out, in]`` transposed to kernels ``[in, out]``,
 LayerNorm ``weight`` -> ``scale``):
@@ -38,13 +65,22 @@ refused with one sentence saying what is missing or wrong.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import math
+import os
 import re
+import sys
+from collections.abc import Sequence
 from typing import Any, Mapping
 
-
+import ml_collections
 import numpy as np
+
+from vqgen.convert.conv_blocks import (attn_keys, attn_params, conv_keys, conv_params, count_indices, norm_keys,
+                                       norm_params, resnet_keys, resnet_params)
+from vqgen.convert.workdir import ConversionError, check_keys, load_state_dict, read_state_dict, write_workdir
 
 from vqgen.generators import diffusion_loss as dl
 from vqgen.generators import mar as mar_lib
@@ -300,3 +336,294 @@ def convert_mar(state: Mapping[str, Any], info: MARInfo | None = None, **heads: 
     for i in range(info.decoder_depth):
         params[f"decoder_blocks_{i}"] = block(f"decoder_blocks.{i}", info.decoder_width, info.decoder_heads)
     return params
+
+
+# ------------------------------------------------------------------------------------- VAE
+
+VAE_IGNORED_PREFIX = "loss."  # LDM's training loss (LPIPS, discriminator, logvar) saved beside the VAE
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEInfo:
+    """The sizes of a KL-VAE read from its state dict."""
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    in_channels: int
+    embed_dim: int
+    encoder_attn_levels: tuple[int, ...]  # levels (0 = full resolution) with AttnBlocks
+    decoder_attn_levels: tuple[int, ...]
+
+    def attn_resolutions(self, resolution: int, levels: tuple[int, ...]) -> tuple[int, ...]:
+        """The ``*_attn_resolutions`` that put attention at ``levels`` for images of ``resolution``."""
+        return tuple(resolution // 2 ** i for i in levels)
+
+    def module(self, resolution: int = 256, **kw: Any):
+        """The :class:`~vqgen.tokenizers.kl.KLVAE` of these sizes."""
+        from vqgen.tokenizers.kl import KLVAE
+
+        return KLVAE(in_channels=self.in_channels, ch=self.ch, ch_mult=self.ch_mult,
+                     num_res_blocks=self.num_res_blocks, embed_dim=self.embed_dim, resolution=resolution,
+                     encoder_attn_resolutions=self.attn_resolutions(resolution, self.encoder_attn_levels),
+                     decoder_attn_resolutions=self.attn_resolutions(resolution, self.decoder_attn_levels), **kw)
+
+
+def vae_manifest(info: VAEInfo) -> dict[str, tuple[int, ...]]:
+    """Every parameter key of LDM's ``AutoencoderKL`` with these sizes, and its shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    ch, mult, nrb, e = info.ch, info.ch_mult, info.num_res_blocks, info.embed_dim
+    last = len(mult) - 1
+    conv_keys(out, "encoder.conv_in", ch, info.in_channels, 3)
+    cin = ch
+    for i, m in enumerate(mult):
+        for j in range(nrb):
+            resnet_keys(out, f"encoder.down.{i}.block.{j}", cin, ch * m)
+            cin = ch * m
+            if i in info.encoder_attn_levels:
+                attn_keys(out, f"encoder.down.{i}.attn.{j}", cin)
+        if i != last:
+            conv_keys(out, f"encoder.down.{i}.downsample.conv", cin, cin, 3)
+    for part in ("encoder", "decoder"):
+        top = ch * mult[-1]
+        resnet_keys(out, f"{part}.mid.block_1", top, top)
+        attn_keys(out, f"{part}.mid.attn_1", top)
+        resnet_keys(out, f"{part}.mid.block_2", top, top)
+    norm_keys(out, "encoder.norm_out", cin)
+    conv_keys(out, "encoder.conv_out", 2 * e, cin, 3)
+    conv_keys(out, "decoder.conv_in", cin, e, 3)
+    for i in reversed(range(len(mult))):
+        for j in range(nrb + 1):
+            resnet_keys(out, f"decoder.up.{i}.block.{j}", cin, ch * mult[i])
+            cin = ch * mult[i]
+            if i in info.decoder_attn_levels:
+                attn_keys(out, f"decoder.up.{i}.attn.{j}", cin)
+        if i != 0:
+            conv_keys(out, f"decoder.up.{i}.upsample.conv", cin, cin, 3)
+    norm_keys(out, "decoder.norm_out", cin)
+    conv_keys(out, "decoder.conv_out", info.in_channels, cin, 3)
+    conv_keys(out, "quant_conv", 2 * e, 2 * e, 1)
+    conv_keys(out, "post_quant_conv", e, e, 1)
+    return out
+
+
+def _looks_like_mar(state: Mapping) -> bool:
+    return "z_proj.weight" in state and "diffusion_pos_embed_learned" in state
+
+
+def inspect_vae(state: Mapping[str, np.ndarray], name: str = "the VAE file") -> VAEInfo:
+    """The sizes of a KL-VAE state dict; raises :class:`ConversionError` (one sentence) unless every
+    expected key is there with its shape and nothing else (besides LDM's ``loss.*`` entries)."""
+    if _looks_like_mar(state):
+        raise ConversionError(f"{name} is a MAR transformer state dict, not the KL-VAE; pass it as --mar.")
+    need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "post_quant_conv.weight", "quant_conv.weight",
+            "encoder.down.0.block.0.conv1.weight")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ConversionError(f"{name} is not a KL-VAE state dict: it lacks {', '.join(missing)} (it has "
+                              f"{len(state)} keys such as {', '.join(sorted(state)[:3])}).")
+    if "quantize.embedding.weight" in state:
+        raise ConversionError(f"{name} is a VQ-VAE (it has a codebook, quantize.embedding.weight), not MAR's KL-VAE; "
+                              "convert it with its own converter (e.g. python -m vqgen.convert.var).")
+    ch, in_channels = (int(v) for v in state["encoder.conv_in.weight"].shape[:2])
+    levels = count_indices(state, r"^encoder\.down\.(\d+)\.")
+    ch_mult = []
+    for i in range(levels):
+        key = f"encoder.down.{i}.block.0.conv1.weight"
+        ch_mult.append(max(int(state[key].shape[0]) // ch, 1) if key in state else 1)
+    attn = lambda part, tag: tuple(sorted({int(m.group(1)) for k in state  # noqa: E731
+                                           if (m := re.match(rf"^{part}\.{tag}\.(\d+)\.attn\.", k))}))
+    info = VAEInfo(ch=ch, ch_mult=tuple(ch_mult),
+                   num_res_blocks=count_indices(state, r"^encoder\.down\.0\.block\.(\d+)\."),
+                   in_channels=in_channels, embed_dim=int(state["post_quant_conv.weight"].shape[0]),
+                   encoder_attn_levels=attn("encoder", "down"), decoder_attn_levels=attn("decoder", "up"))
+    ignore = [k for k in state if k.startswith(VAE_IGNORED_PREFIX)]
+    check_keys(state, vae_manifest(info), name=name, kind="KL-VAE", ignore=ignore)
+    return info
+
+
+def convert_vae(state: Mapping[str, np.ndarray], info: VAEInfo) -> dict:
+    """The KL-VAE's weights as the params of the :class:`~vqgen.tokenizers.kl.KLVAE` the config
+    builds (nested dict of float32 arrays)."""
+    conv = functools.partial(conv_params, state)
+    norm = functools.partial(norm_params, state)
+    resnet = functools.partial(resnet_params, state)
+    attn = functools.partial(attn_params, state)
+
+    def mid(part):
+        return {"mid_block_1": resnet(f"{part}.mid.block_1"), "mid_attn_1": attn(f"{part}.mid.attn_1"),
+                "mid_block_2": resnet(f"{part}.mid.block_2")}
+
+    last = len(info.ch_mult) - 1
+    enc = {"conv_in": conv("encoder.conv_in"), "norm_out": norm("encoder.norm_out"),
+           "conv_out": conv("encoder.conv_out"), **mid("encoder")}
+    dec = {"conv_in": conv("decoder.conv_in"), "norm_out": norm("decoder.norm_out"),
+           "conv_out": conv("decoder.conv_out"), **mid("decoder")}
+    for i in range(len(info.ch_mult)):
+        for j in range(info.num_res_blocks):
+            enc[f"down_{i}_block_{j}"] = resnet(f"encoder.down.{i}.block.{j}")
+            if i in info.encoder_attn_levels:
+                enc[f"down_{i}_attn_{j}"] = attn(f"encoder.down.{i}.attn.{j}")
+        if i != last:
+            enc[f"down_{i}_downsample"] = {"conv": conv(f"encoder.down.{i}.downsample.conv")}
+        for j in range(info.num_res_blocks + 1):
+            dec[f"up_{i}_block_{j}"] = resnet(f"decoder.up.{i}.block.{j}")
+            if i in info.decoder_attn_levels:
+                dec[f"up_{i}_attn_{j}"] = attn(f"decoder.up.{i}.attn.{j}")
+        if i != 0:
+            dec[f"up_{i}_upsample"] = {"conv": conv(f"decoder.up.{i}.upsample.conv")}
+    return {"encoder": enc, "decoder": dec, "quant_conv": conv("quant_conv"), "post_quant_conv": conv("post_quant_conv")}
+
+
+# ------------------------------------------------------------------------------- workdir
+
+MAR_WRAPPERS = {True: (("model_ema",), ("model",), ("state_dict",)), False: (("model",), ("state_dict",))}
+VAE_WRAPPERS = (("model",), ("state_dict",))
+PAPER_VARIANTS = {768: "B", 1024: "L", 1280: "H"}  # encoder width -> configs/generators/mar.py variant
+
+
+def check_pair(vae: VAEInfo, mar: MARInfo, vae_name: str = "the VAE file", mar_name: str = "the MAR file") -> int:
+    """The patch size at which ``mar`` reads ``vae``'s latents; raises :class:`ConversionError` when
+    the MAR's token width is not the VAE's latent width times a square."""
+    p = math.isqrt(mar.token_dim // vae.embed_dim) if mar.token_dim % vae.embed_dim == 0 else 0
+    if p < 1 or vae.embed_dim * p * p != mar.token_dim:
+        raise ConversionError(
+            f"{vae_name} has {vae.embed_dim} latent channels but {mar_name} reads {mar.token_dim}-channel tokens, which "
+            f"no patch of {vae.embed_dim}-channel latents makes; pass the VAE the MAR was trained with (KL-16 for "
+            "MAR's releases).")
+    return p
+
+
+def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
+    with section.unlocked():
+        for key, value in values.items():
+            section[key] = value
+
+
+def make_config(vae: VAEInfo | None, mar: MARInfo | None, *, patch_size: int = 1,
+                dtype: str | None = None) -> ml_collections.ConfigDict:
+    """The paper config with the sizes of the converted files written over it (locked)."""
+    from vqgen import config_lib  # the configs import the training stack
+
+    if mar is not None:
+        config = config_lib.load_config("generators/mar", PAPER_VARIANTS.get(mar.encoder_width, "B"))
+    else:
+        config = config_lib.load_config("tokenizers/kl16")
+    tok = config.tokenizer
+    ch_mult = tuple(vae.ch_mult) if vae is not None else tuple(tok.ch_mult)
+    stride = 2 ** (len(ch_mult) - 1)
+    image_size = mar.grid[0] * patch_size * stride if mar is not None else int(config.data.image_size)
+    if vae is not None:
+        _set(tok, ch=vae.ch, ch_mult=ch_mult, num_res_blocks=vae.num_res_blocks, embed_dim=vae.embed_dim,
+             resolution=image_size,
+             encoder_attn_resolutions=vae.attn_resolutions(image_size, vae.encoder_attn_levels),
+             decoder_attn_resolutions=vae.attn_resolutions(image_size, vae.decoder_attn_levels))
+    else:
+        _set(tok, embed_dim=mar.token_dim // (patch_size * patch_size), resolution=image_size,
+             encoder_attn_resolutions=(image_size // stride,))
+    _set(config.data, image_size=image_size, channels=vae.in_channels if vae is not None else 3)
+    if mar is not None:
+        _set(config.data, num_classes=mar.num_classes)
+        _set(config.generator, patch_size=patch_size, buffer_size=mar.buffer_size, encoder_width=mar.encoder_width,
+             encoder_depth=mar.encoder_depth, encoder_heads=mar.encoder_heads, decoder_width=mar.decoder_width,
+             decoder_depth=mar.decoder_depth, decoder_heads=mar.decoder_heads, mlp_ratio=mar.mlp_ratio,
+             diffloss_depth=mar.head.depth, diffloss_width=mar.head.width)
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
+        _set(tok, dtype=dtype)
+        if mar is not None:
+            _set(config.generator, dtype=dtype)
+    config.lock()
+    return config
+
+
+@dataclasses.dataclass
+class Converted:
+    """What :func:`convert` makes: the config and the params of each model it was given."""
+
+    config: ml_collections.ConfigDict
+    vae: VAEInfo | None = None
+    mar: MARInfo | None = None
+    tokenizer_params: dict | None = None
+    generator_params: dict | None = None
+
+
+def convert(vae_state: Mapping[str, np.ndarray] | None = None, mar_state: Mapping[str, np.ndarray] | None = None, *,
+            encoder_heads: int | None = None, decoder_heads: int | None = None, dtype: str | None = None,
+            vae_name: str = "the VAE file", mar_name: str = "the MAR file") -> Converted:
+    """Checks and converts MAR's state dicts (NumPy arrays) into vqgen params and a config; writes
+    nothing. Either may be None. Raises ``ValueError`` (:class:`ConversionError` for the files) with one
+    sentence."""
+    if vae_state is None and mar_state is None:
+        raise ConversionError("nothing to convert; pass --vae, --mar or both.")
+    if vae_state is not None and mar_state is None and _looks_like_mar(vae_state):
+        raise ConversionError(f"{vae_name} is a MAR transformer state dict, not the KL-VAE; pass it as --mar.")
+    vae = inspect_vae(vae_state, vae_name) if vae_state is not None else None
+    mar = None
+    if mar_state is not None:
+        if not _looks_like_mar(mar_state) and "encoder.conv_in.weight" in mar_state:
+            raise ConversionError(f"{mar_name} is a VAE state dict, not a MAR transformer; pass it as --vae.")
+        mar = inspect_mar(mar_state, mar_name, encoder_heads=encoder_heads, decoder_heads=decoder_heads)
+    patch = check_pair(vae, mar, vae_name, mar_name) if vae is not None and mar is not None else 1
+    return Converted(config=make_config(vae, mar, patch_size=patch, dtype=dtype), vae=vae, mar=mar,
+                     tokenizer_params=convert_vae(vae_state, vae) if vae is not None else None,
+                     generator_params=convert_mar(mar_state, mar) if mar is not None else None)
+
+
+def convert_files(vae: str | None, mar: str | None, out: str, *, ema: bool = True, mesh=None,
+                  **kwargs: Any) -> Converted:
+    """Reads the files (MAR's EMA weights unless ``ema=False``), converts them (:func:`convert`,
+    which takes ``kwargs``) and writes the workdir ``out`` (on ``mesh``, default the config's)."""
+    vae_state = load_state_dict(vae, VAE_WRAPPERS, opaque_objects=True) if vae else None
+    mar_state = None
+    if mar:
+        mar_state, where = read_state_dict(mar, MAR_WRAPPERS[bool(ema)], opaque_objects=True)
+        if ema and where not in ("model_ema", ""):
+            raise ConversionError(f"{mar} holds no EMA weights (no 'model_ema' state dict, only {where!r}); pass "
+                                  "--no-ema to convert its raw weights.")
+    converted = convert(vae_state, mar_state, vae_name=os.path.basename(vae or "") or "the VAE file",
+                        mar_name=os.path.basename(mar or "") or "the MAR file", **kwargs)
+    write_workdir(converted.config, out, tokenizer_params=converted.tokenizer_params,
+                  generator_params=converted.generator_params, mesh=mesh)
+    return converted
+
+
+def main(argv: Sequence[str] | None = None) -> Converted:
+    """Command-line entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vqgen.convert.mar",
+        description="Convert MAR's PyTorch KL-VAE and/or MAR transformer into a vqgen workdir.")
+    parser.add_argument("--vae", help="KL-VAE weights, e.g. kl16.ckpt (.ckpt/.pth or .safetensors)")
+    parser.add_argument("--mar", help="MAR weights, e.g. checkpoint-last.pth of mar_base (.pth or .safetensors)")
+    parser.add_argument("--out", required=True, help="the workdir to write (must not hold checkpoints yet)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false",
+                        help="convert MAR's raw 'model' weights instead of its EMA ('model_ema')")
+    parser.add_argument("--encoder-heads", type=int, default=None,
+                        help="attention heads of the encoder, needed only for widths MAR did not release")
+    parser.add_argument("--decoder-heads", type=int, default=None, help="likewise for the decoder")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype of both models (default: the paper config's bfloat16)")
+    args = parser.parse_args(argv)
+    if not args.vae and not args.mar:
+        parser.error("pass --vae, --mar or both")
+    converted = convert_files(args.vae, args.mar, args.out, ema=args.ema, encoder_heads=args.encoder_heads,
+                              decoder_heads=args.decoder_heads, dtype=args.dtype)
+    parts = []
+    if converted.vae is not None:
+        v = converted.vae
+        parts.append(f"tokenizer (KL-VAE ch={v.ch}, {v.embed_dim} latent channels)")
+    if converted.mar is not None:
+        m = converted.mar
+        parts.append(f"generator (MAR encoder {m.encoder_depth}x{m.encoder_width}, decoder {m.decoder_depth}x"
+                     f"{m.decoder_width}, head {m.head.depth}x{m.head.width}, {m.num_classes} classes"
+                     f"{', EMA' if args.ema else ''})")
+    print(f"wrote {args.out}: {' and '.join(parts)}, {converted.config.data.image_size}px images")
+    return converted
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
