@@ -190,16 +190,18 @@ class Generator:
 
 def load_tokenizer(workdir: str, mesh=None, config=None) -> Tokenizer:
     """The tokenizer trained in (or converted into) ``workdir``: its EMA weights."""
+    workdir = fileio.display(workdir)  # Orbax reads absolute paths only
     config = config or load_config_from_workdir(workdir)
     mesh = mesh or _default_mesh(config)
-    return Tokenizer(tokenizer_lib.load_frozen_tokenizer(config, str(workdir), mesh), config)
+    return Tokenizer(tokenizer_lib.load_frozen_tokenizer(config, workdir, mesh), config)
 
 
 def load_generator(workdir: str, mesh=None, config=None, *, use_ema: bool | None = None) -> Generator:
     """The generator trained in (or converted into) ``workdir``, with its tokenizer when it has one."""
+    workdir = fileio.display(workdir)  # Orbax reads absolute paths only
     config = config or load_config_from_workdir(workdir)
     mesh = mesh or _default_mesh(config)
-    return Generator(generator_lib.load_generator(config, str(workdir), mesh, use_ema=use_ema))
+    return Generator(generator_lib.load_generator(config, workdir, mesh, use_ema=use_ema))
 
 
 def _default_mesh(config):
@@ -222,8 +224,9 @@ def run(config: ml_collections.ConfigDict | str, workdir: str, mode: str | None 
     mode = mode or config.get("mode", "all")
     if mode == "summary":
         return run_lib.summary(config)
-    run_lib.run(config, str(workdir), mode)
-    path = fileio.join(str(workdir), "report.json")
+    workdir = fileio.display(workdir)  # Orbax writes absolute paths only
+    run_lib.run(config, workdir, mode)
+    path = fileio.join(workdir, "report.json")
     return json.loads(fileio.read_text(path)) if fileio.exists(path) else {}
 
 
