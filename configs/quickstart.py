@@ -21,6 +21,11 @@ under the GPT; ``:titok`` is TiTok's 1D tokenizer (``configs/tokenizers/titok.py
 small MAR (encoder and decoder of 2 blocks of width 128, 8 buffer tokens, a diffusion head of 2
 blocks of width 128) over its 64 latent tokens, sampled in 16 iterations of 100 diffusion steps
 with MAR's linear CFG ramp to 3.
+
+``configs/quickstart.py:fractal`` is FractalMAR straight on the pixels (no tokenizer): levels 32 ->
+4 -> 1 (a MAR level of 3 blocks of width 128 over the 8x8 patches of 4x4 pixels, a MAR level of 2
+blocks of width 64 over each patch's 16 pixels, a pixel head of width 32 over the 256 intensities),
+sampled in 16 iterations at level 0 and 4 at level 1 with the linear CFG ramp to 4.
 """
 import ml_collections
 
@@ -31,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "gpt"
     if variant == "mar":
         return _mar_config()
+    if variant == "fractal":
+        return _fractal_config()
     if variant not in ("gpt", "maskgit", "var", "lfq", "ibq", "titok", "mar"):
         raise ValueError(f"unknown quickstart variant {variant!r}; use 'gpt', 'maskgit', 'var', 'lfq', 'ibq' or 'titok'.")
     generator = {"lfq": "gpt", "ibq": "gpt", "titok": "maskgit"}.get(variant, variant)
@@ -90,6 +97,24 @@ def _mar_config() -> ml_collections.ConfigDict:
         "mar", num_steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, schedule="cosine", min_lr_ratio=0.1,
         weight_decay=0.02, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.999, log_every=100, save_every=500)
     c.sample = config_lib.sample_config("mar", num_iter=16, diffusion_steps=100, temperature=1.0, cfg_scale=3.0,
+                                        cfg_schedule="linear")
+    c.evaluate = config_lib.evaluate_config()
+    c.lock()
+    return c
+
+
+def _fractal_config() -> ml_collections.ConfigDict:
+    """``quickstart:fractal``: a small FractalMAR on the digits' pixels (no tokenizer phase)."""
+    c = config_lib.base_config()
+    c.mode = "all"
+    c.generator = ml_collections.ConfigDict(dict(
+        arch="fractal", img_size_list=(32, 4, 1), embed_dim_list=(128, 64, 32), num_blocks_list=(3, 2, 1),
+        num_heads_list=(4, 4, 2), generator_type_list=("mar", "mar", "ar"), num_conds=5, guiding_pixel=False,
+        label_drop_prob=0.1, attn_dropout=0.0, proj_dropout=0.0, r_weight=5.0, dtype="float32"))
+    c.generator_train = config_lib.generator_train_config(
+        "fractal", num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.999, log_every=50, save_every=250)
+    c.sample = config_lib.sample_config("fractal", num_iter_list=(16, 4), temperature=1.0, cfg_scale=4.0,
                                         cfg_schedule="linear")
     c.evaluate = config_lib.evaluate_config()
     c.lock()
