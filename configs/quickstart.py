@@ -113,7 +113,7 @@ def _fractal_config() -> ml_collections.ConfigDict:
         label_drop_prob=0.1, attn_dropout=0.0, proj_dropout=0.0, r_weight=5.0, dtype="float32"))
     c.generator_train = config_lib.generator_train_config(
         "fractal", num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
-        weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.999, log_every=50, save_every=250)
+        weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.995, log_every=50, save_every=250)
     c.sample = config_lib.sample_config("fractal", num_iter_list=(16, 4), temperature=1.0, cfg_scale=4.0,
                                         cfg_schedule="linear")
     c.evaluate = config_lib.evaluate_config()
