@@ -4,6 +4,7 @@ MAR trained on latents drawn from them, sampled, decoded, judged and loaded thro
 over pixels (a toy family: no tokenizer phase, samples without a decode); and the sentences for a
 family that does not fit its tokenizer."""
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -29,10 +30,17 @@ from vqgen.train import tokenizer as tokenizer_lib
 GRID, WIDTH = (8, 8), 4
 
 
+def _config():
+    config = tiny_config.get_config("mar")
+    with config.unlocked():
+        config.evaluate.judge = False  # the judge's own training is tested with the GPT (test_train_generator.py)
+    return config
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("mar")
-    assert run_lib.run(tiny_config.get_config("mar"), str(path), "all") == 0
+    assert run_lib.run(_config(), str(path), "all") == 0
     return path
 
 
@@ -46,6 +54,7 @@ def test_token_spec_of_a_kl_tokenizer():
     assert builders.token_spec(tiny_config.get_config("gpt")).kind == "tokens"
 
 
+@pytest.mark.slow  # the tiny MAR workdir: ~1-2 min on an idle 2-core CPU, 13 min under load
 def test_trained_workdir_through_the_public_api(workdir):
     config = tiny_config.get_config("mar")
     scale = config.tokenizer.scale_factor
@@ -77,7 +86,6 @@ def test_trained_workdir_through_the_public_api(workdir):
     assert set(report) >= {"tokenizer", "generator", "sampling", "samples"}
     assert np.isfinite(report["tokenizer"]["psnr"]) and report["tokenizer"]["latent_std"] > 0
     assert "codebook_usage" not in report["tokenizer"]
-    assert 0.0 <= report["samples"]["judge_accuracy"] <= 1.0
     assert report["sampling"]["options"]["num_iter"] == config.sample.num_iter
     with np.load(os.path.join(workdir, "samples", "samples.npz")) as f:
         assert f["images"].shape == (20, 32, 32, 1) and f["images"].dtype == np.uint8
@@ -97,6 +105,7 @@ def test_latent_batches_are_scaled_posterior_draws():
     np.testing.assert_allclose(z.std(0), 0.2 * 0.5, rtol=0.06)
 
 
+@pytest.mark.slow  # the tiny MAR workdir: ~1-2 min on an idle 2-core CPU, 13 min under load
 def test_generator_phase_step_is_the_mar_loss(workdir):
     config = tiny_config.get_config("mar")
     phase = generator_lib.build(config)
@@ -106,9 +115,10 @@ def test_generator_phase_step_is_the_mar_loss(workdir):
     images = tokenizer_lib.eval_images(config, "train", 8)
     tok = tokenizer_lib.load_frozen_tokenizer(config, str(workdir))
     batch = {"latents": jnp.asarray(tok.encode(images["image"])), "label": jnp.asarray(images["label"], jnp.int32)}
-    _, metrics = phase.step(state, batch, jax.random.key(1))
+    _, metrics = jax.jit(phase.step)(state, batch, jax.random.key(1))
     _, model = generator_lib.build_model(config)
-    loss, _ = mar.loss_fn(model, state.params, batch, jax.random.fold_in(jax.random.key(1), 0))
+    loss, _ = jax.jit(functools.partial(mar.loss_fn, model))(state.params, batch,
+                                                             jax.random.fold_in(jax.random.key(1), 0))
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
 
 
@@ -139,6 +149,7 @@ def test_families_that_do_not_fit_their_tokenizer_are_one_sentence():
         mar.batch_tokens(model, {"latents": jnp.zeros((2,) + GRID + (WIDTH,))})
 
 
+@pytest.mark.slow  # the tiny MAR workdir: ~1-2 min on an idle 2-core CPU, 13 min under load
 def test_scale_factor_can_change_after_the_vae_is_trained_but_the_generator_refuses_it(workdir):
     config = tiny_config.get_config("mar")
     config.unlock()
@@ -203,7 +214,7 @@ def test_a_family_over_pixels_trains_samples_and_evaluates_without_a_tokenizer(t
                                                           weight_decay=0.0, ema_decay=0.0, save_every=30)
     c.sample = ml_collections.ConfigDict(dict(**{f.name: f.default for f in dataclasses.fields(_ToyOptions)},
                                               per_class=2, batch_size=20, use_ema=True))
-    c.evaluate = config_lib.evaluate_config()
+    c.evaluate = config_lib.evaluate_config(judge=False)
     c.data.eval_examples = 16
     c.lock()
     assert builders.input_spec(c).kind == "pixels" and not builders.needs_tokenizer(c)
@@ -213,7 +224,6 @@ def test_a_family_over_pixels_trains_samples_and_evaluates_without_a_tokenizer(t
     assert not (tmp_path / "checkpoints" / "tokenizer").exists()
     report = json.load(open(tmp_path / "report.json"))
     assert "tokenizer" not in report and report["generator"]["steps"] == 30
-    assert 0.0 <= report["samples"]["judge_accuracy"] <= 1.0
     with np.load(tmp_path / "samples" / "samples.npz") as f:
         images = f["images"]
     assert images.shape == (20, 32, 32, 1) and images.std() > 0  # class means, not the zero init
