@@ -407,3 +407,31 @@ def test_bad_sampler_options_and_labels():
     model = tiny()
     with pytest.raises(ValueError, match="class ids must lie in"):
         fractal.sample(model, random_params(model), np.array([0, C + 1]), jax.random.key(0), OPTS)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow  # trains, samples and judges a tiny quickstart:fractal, ~2 min on the shared machine
+def test_quickstart_fractal_end_to_end_without_a_tokenizer(tmp_path):
+    from vqgen import config_lib
+    from vqgen.train import run as run_lib
+
+    c = config_lib.load_config("quickstart", "fractal")
+    c.unlock()
+    g = c.generator
+    g.embed_dim_list, g.num_blocks_list, g.num_heads_list = (16, 8, 8), (1, 1, 1), (2, 2, 2)
+    gt = c.generator_train
+    gt.num_steps, gt.batch_size, gt.save_every, gt.log_every, gt.warmup_steps = 4, 8, 2, 1, 1
+    c.data.eval_examples = 16
+    c.sample.per_class, c.sample.batch_size, c.sample.num_iter_list = 1, 10, (2, 2)
+    c.lock()
+    assert "tokenizer" not in c
+    assert run_lib.run(c, str(tmp_path), "all") == 0
+    with np.load(os.path.join(tmp_path, "samples", "samples.npz")) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.dtype == np.uint8 and images.shape == (10, 32, 32, 1)
+    np.testing.assert_array_equal(labels, np.arange(10))
+    report = json.loads(open(os.path.join(tmp_path, "report.json")).read())
+    assert 0.0 <= report["samples"]["judge_accuracy"] <= 1.0
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "tokenizer"))
