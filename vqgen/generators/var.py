@@ -461,7 +461,9 @@ class SelfAttention(nn.Module):
     """VAR's self-attention with an optional preallocated KV cache ``{'k', 'v'}: [B, H, L, hd]``.
 
     ``mask [S, T]`` (bool) says which of the ``T`` keys (the cache, or the ``S`` inputs without
-    one) each query sees; with a cache the ``S`` new keys/values are written at ``pos``.
+    one) each query sees; with a cache the ``S`` new keys/values are written at ``pos``, and a
+    mask narrower than the cache (``T < L``, static) attends to its first ``T`` slots only, so
+    the sampler's early scales do not pay for the empty slots of later ones.
     """
 
     width: int
@@ -505,6 +507,8 @@ class SelfAttention(nn.Module):
             keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, H, T, hd]
             values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)  # [B, H, T, hd]
             new_cache = {"k": keys, "v": values}
+            if mask.shape[-1] < keys.shape[2]:  # a mask over the first cache slots: attend to those only
+                keys, values = keys[:, :, :mask.shape[-1]], values[:, :, :mask.shape[-1]]
         scores = jnp.einsum("bshd,bhtd->bhst", q, keys.astype(self.dtype), preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores * softmax_scale, _MASK_VALUE)  # [B, H, S, T]
         probs = jax.nn.softmax(scores, axis=-1)  # float32
@@ -751,8 +755,8 @@ class VAR(nn.Module):
             else:
                 h = self.word_embed(x_block[:, :n].astype(jnp.float32)).astype(jnp.float32)  # [B, s_k², C]
             h = h + self._lvl_pos()[None, begin:begin + n]
-            end = begin + n  # keys of scales <= k: the first `end` cache slots
-            mask = (np.arange(lay.seq_len) < end)[None, :]  # [1, L]
+            end = begin + n  # keys of scales <= k: the first `end` cache slots, the only ones attended
+            mask = np.ones((1, end), bool)  # [1, end]
             return self._trunk(h, cond, mask, cache, begin, False)  # [B, s_k², V]
         p = lay.block
         begin = jnp.asarray(lay.begins)[k]
