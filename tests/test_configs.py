@@ -23,7 +23,7 @@ from vqgen.train import run as run_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
 # Config files without a module-level VARIANTS tuple but with named variants.
-EXTRA_VARIANTS = {"configs/quickstart.py": ("gpt", "maskgit", "var")}
+EXTRA_VARIANTS = {"configs/quickstart.py": ("gpt", "maskgit", "var", "mar")}
 
 
 def _load_module(rel_path: str):
@@ -120,6 +120,10 @@ def test_llamagen_generator_keys_are_gpt_fields(variant):
     ("configs/generators/var.py", "d20", "generator_params", 600e6),
     ("configs/generators/var.py", "d24", "generator_params", 1.03e9),
     ("configs/generators/var.py", "d30", "generator_params", 2.0e9),
+    # MAR: 208M / 479M / 943M (the paper's Table); its KL-16 VAE counted exactly in tests/test_kl.py.
+    ("configs/generators/mar.py", "B", "generator_params", 208e6),
+    ("configs/generators/mar.py", "L", "generator_params", 479e6),
+    ("configs/generators/mar.py", "H", "generator_params", 943e6),
 ])
 def test_parameter_counts_match_the_papers(rel_path, variant, key, published):
     config = get_config(rel_path, variant)
@@ -142,6 +146,7 @@ def test_var_counts_equal_the_official_code(variant, official):
     ("configs/generators/maskgit.py", "cfg", "configs/tokenizers/maskgit_vqgan.py"),
     ("configs/generators/llamagen.py", "B", "configs/tokenizers/llamagen_vq16.py"),
     ("configs/generators/var.py", "d16", "configs/tokenizers/var_vqvae.py"),
+    ("configs/generators/mar.py", "B", "configs/tokenizers/kl16.py"),
 ])
 def test_generator_configs_accept_their_tokenizer_configs_checkpoints(generator, variant, tokenizer):
     """The checkpoint fingerprint covers these sections: they must be the tokenizer config's."""
@@ -280,7 +285,7 @@ def _tiny(name: str):
 
 @pytest.mark.parametrize("config_name,target", [
     ("gpt", "tokenizer"), ("gpt", "generator"), ("maskgit", "generator"), ("video", "tokenizer"),
-    ("video", "generator"), ("var", "tokenizer"), ("var", "generator"),
+    ("video", "generator"), ("var", "tokenizer"), ("var", "generator"), ("mar", "tokenizer"), ("mar", "generator"),
 ])
 def test_aot_compile_every_family_on_a_2x4_cpu_mesh(config_name, target):
     """Each family's train step compiles on a 2x4 mesh from abstract inputs alone: the conv
@@ -295,6 +300,24 @@ def test_aot_compile_every_family_on_a_2x4_cpu_mesh(config_name, target):
     mem = report["memory_per_device"]
     assert mem["argument_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] > 0
     assert report["flops_per_device"] > 0 and report["params"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,target", [("B", "tokenizer"), ("B", "generator"), ("H", "generator")])
+def test_aot_compile_paper_scale_mar_on_cpu8(variant, target):
+    """The paper configs of MAR (KL-16 VAE; MAR-B and MAR-H over its 16x16x16 latents) compile for
+    cpu:8 at a global batch of 8 (``launch/aot_compile.py --batch_size=8``): the real model sizes,
+    MAR-H on its FSDP mesh."""
+    import jax
+
+    aot = _aot_module()
+    config = _load_module("configs/generators/mar.py").get_config(variant)  # not the cached one: it is changed
+    with config.unlocked():
+        config[f"{target}_train"].batch_size = 8
+    report = aot.compile_step(config, target, jax.devices()[:8], None)
+    assert report["num_devices"] == 8 and report["global_batch"] == 8
+    want = {"tokenizer": 66_456_019, "generator": {"B": 207_924_768, "H": 942_403_104}.get(variant)}[target]
+    assert report["params"] == want and report["flops_per_device"] > 0
 
 
 def test_aot_compile_errors():
