@@ -3,8 +3,9 @@
     python -m vqgen.main --config=configs/quickstart.py --workdir=runs/quickstart
 
 ``configs/quickstart.py:gpt`` (the default) uses the LlamaGen-style GPT as the generator,
-``configs/quickstart.py:maskgit`` uses MaskGIT. 32x32 digits become 8x8 tokens of a 256-code,
-8-dimensional, l2-normalised codebook.
+``configs/quickstart.py:maskgit`` uses MaskGIT, sampled in 16 steps with choice temperature 16 and
+CFG 1.5 (a measured sweep: as varied as the GPT's samples at 97% judge accuracy). 32x32 digits
+become 8x8 tokens of a 256-code, 8-dimensional, l2-normalised codebook.
 
 ``configs/quickstart.py:var`` is VAR: the same VQGAN with VAR's multi-scale residual quantizer
 (scales 1, 2, 3, 4, 6, 8: a pyramid of 130 tokens per digit, Φ convolutions shared four ways)
@@ -76,6 +77,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.generator = config_lib.generator_config(generator)
     c.generator_train = config_lib.generator_train_config(generator)
     c.sample = config_lib.sample_config(generator)
+    if variant == "maskgit":
+        # Chosen from a measured sweep of the trained quickstart (1,000 samples each): MaskGIT's
+        # ImageNet setting (8 steps, choice temperature 4.5, CFG 2) draws 99.7% recognisable digits
+        # with a recall of only 0.31, nearly one style per class; more Gumbel noise on the
+        # confidences (a more random order of revealing tokens), 16 steps and CFG 1.5 keep 97% and
+        # reach a recall of 0.63 (real digits: 0.91).
+        c.sample.update(dict(num_steps=16, choice_temperature=16.0, cfg_scale=1.5))
     c.evaluate = config_lib.evaluate_config()
     c.lock()
     return c
