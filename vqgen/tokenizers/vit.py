@@ -50,6 +50,13 @@ code bytedance/1d-tokenizer ``modeling/titok.py``, ``modeling/modules/blocks.py`
   ``legacy_token_layout=True`` reproduces the released models' encoder output: the official
   code reshapes the ``[B, N, width]`` latents to ``[B, width, N, 1]`` in memory order (not a
   transpose) before ``conv_out``; checkpoints trained that way need the same reshape.
+  ``pixel_range="unit"`` reproduces the released models' image range: the official code reads
+  and writes images in [0, 1] (its demo divides uint8 images by 255 and clamps the
+  reconstruction to [0, 1]); the network then sees ``(x + 1) / 2`` of vqgen's [-1, 1] images and
+  its output ``y`` is returned as ``2 y - 1``, so the tokenizer still maps [-1, 1] to [-1, 1].
+  ``pixel_decoder_ch``, ``pixel_decoder_ch_mult`` and ``pixel_decoder_num_res_blocks`` size the
+  MaskGIT VQGAN decoder under ``proxy_codes`` (the official 128, (1, 1, 2, 2, 4), 2 by default;
+  other sizes serve small converted or test models).
 
 Deviations from the official TiTok, none of structure: attention q/k/v are three Dense layers
 (PyTorch's ``nn.MultiheadAttention`` keeps one ``in_proj_weight`` ``[3D, D]``: split its rows);
@@ -432,6 +439,7 @@ class TiTokDecoder(nn.Module):
 
 
 DECODER_HEADS = ("pixels", "proxy_codes")
+PIXEL_RANGES = ("symmetric", "unit")
 
 
 class TiTok(nn.Module):
@@ -452,6 +460,11 @@ class TiTok(nn.Module):
         MaskGIT's VQGAN decoder); see the module docstring.
       legacy_token_layout: the released models' encoder-output reshape (module docstring).
       proxy_codebook_size, proxy_code_dim: the MaskGIT VQGAN codebook under ``proxy_codes``.
+      pixel_decoder_ch, pixel_decoder_ch_mult, pixel_decoder_num_res_blocks: the MaskGIT VQGAN
+        decoder under ``proxy_codes`` (its upsampling ``2**(len(ch_mult) - 1)`` must equal
+        ``patch_size``).
+      pixel_range: ``"symmetric"``: the network reads and writes [-1, 1] images; ``"unit"``: it
+        reads and writes [0, 1] (the released models), converted at both ends (module docstring).
       freeze_encoder: stage 2 of the two-stage recipe: no gradient reaches the encoder, the
         latent tokens or the quantizer, and the quantizer loss is zero.
       dtype, param_dtype: compute and storage dtypes, passed to every layer.
@@ -476,6 +489,10 @@ class TiTok(nn.Module):
     legacy_token_layout: bool = False
     proxy_codebook_size: int = 1024
     proxy_code_dim: int = 256
+    pixel_decoder_ch: int = PIXEL_DECODER["ch"]
+    pixel_decoder_ch_mult: tuple[int, ...] = PIXEL_DECODER["ch_mult"]
+    pixel_decoder_num_res_blocks: int = PIXEL_DECODER["num_res_blocks"]
+    pixel_range: str = "symmetric"
     freeze_encoder: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -486,6 +503,8 @@ class TiTok(nn.Module):
             raise ValueError(f"TiTok decoder_head {self.decoder_head!r} is unknown; use one of {DECODER_HEADS}.")
         if self.num_latent_tokens < 1:
             raise ValueError(f"num_latent_tokens={self.num_latent_tokens} must be at least 1.")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ValueError(f"TiTok pixel_range={self.pixel_range!r} is unknown; use one of {PIXEL_RANGES}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         out_channels = self.out_channels or self.in_channels
         self.latent_tokens = _embedding(self, "latent_tokens", (self.num_latent_tokens, self.enc_width),
@@ -496,7 +515,7 @@ class TiTok(nn.Module):
                                     self.dec_depth, self.dec_heads, self.dec_mlp_dim, self.decoder_head,
                                     out_channels, self.proxy_codebook_size, **kw)
         if self.decoder_head == "proxy_codes":
-            factor = 2 ** (len(PIXEL_DECODER["ch_mult"]) - 1)
+            factor = 2 ** (len(self.pixel_decoder_ch_mult) - 1)
             if self.patch_size != factor:
                 raise ValueError(f"decoder_head='proxy_codes' decodes through MaskGIT's VQGAN, which upsamples by "
                                  f"{factor}, but patch_size={self.patch_size}; use patch_size={factor} or "
@@ -504,8 +523,9 @@ class TiTok(nn.Module):
             self.pixel_codebook = self.param(
                 "pixel_codebook", nn.with_logical_partitioning(truncated_normal(), ("codebook", "embed")),
                 (self.proxy_codebook_size, self.proxy_code_dim), self.param_dtype)
-            self.pixel_decoder = ConvDecoder(out_channels=out_channels,
-                                             **PIXEL_DECODER, **kw)
+            sizes = dict(ch=self.pixel_decoder_ch, ch_mult=tuple(self.pixel_decoder_ch_mult),
+                         num_res_blocks=self.pixel_decoder_num_res_blocks)
+            self.pixel_decoder = ConvDecoder(out_channels=out_channels, **{**PIXEL_DECODER, **sizes}, **kw)
 
     @property
     def last_layer(self) -> tuple[str, ...]:
@@ -517,6 +537,8 @@ class TiTok(nn.Module):
     def encode(self, x: jax.Array, train: bool = False) -> QuantizerOutput:
         """Images ``[B, H, W, C]`` -> :class:`QuantizerOutput` on ``[B, N, token_size]`` (indices ``[B, N]``)."""
         _check_image("TiTok", x, self.in_channels, self.image_size)
+        if self.pixel_range == "unit":
+            x = (x + 1.0) / 2.0
         out = self.quantizer(self.encoder(x, self.latent_tokens), train=train)
         if self.freeze_encoder:
             out = out.replace(quantized=jax.lax.stop_gradient(out.quantized),
@@ -542,11 +564,11 @@ class TiTok(nn.Module):
         """Quantized latents ``[B, N, token_size]`` -> images ``[B, H, W, out_channels]``."""
         self._check_tokens(quantized)
         h = self.decoder(quantized)
-        if self.decoder_head == "pixels":
-            return h
-        probs = jax.nn.softmax(h.astype(jnp.float32), axis=-1)  # [B, g, g, 1024]
-        codes = jnp.einsum("bhwk,kc->bhwc", probs.astype(self.dtype), self.pixel_codebook.astype(self.dtype))
-        return self.pixel_decoder(codes, train)  # [B, H, W, C]
+        if self.decoder_head == "proxy_codes":
+            probs = jax.nn.softmax(h.astype(jnp.float32), axis=-1)  # [B, g, g, 1024]
+            codes = jnp.einsum("bhwk,kc->bhwc", probs.astype(self.dtype), self.pixel_codebook.astype(self.dtype))
+            h = self.pixel_decoder(codes, train)  # [B, H, W, C]
+        return h * 2.0 - 1.0 if self.pixel_range == "unit" else h
 
     def decode_indices(self, indices: Any) -> jax.Array:
         """Code ids ``[B, N]`` -> images, through ``quantizer.decode_indices``."""
