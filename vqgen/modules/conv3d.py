@@ -62,13 +62,17 @@ def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 def conv3d_padding(kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1,
-                   causal: bool = False) -> list[tuple[int, int]]:
-    """Explicit ``[(lo, hi)] * 3`` padding of a 3D conv (see the module docstring)."""
+                   causal: bool = False, first_frame: bool = False) -> list[tuple[int, int]]:
+    """Explicit ``[(lo, hi)] * 3`` padding of a 3D conv (see the module docstring).
+
+    ``first_frame`` (causal only): ``kt - 1`` past frames of padding whatever the temporal
+    stride, so a strided conv maps ``1 + s m`` frames to ``1 + m`` and output frame 0 sees input
+    frame 0 alone (MAGVIT-v2's image-and-video layout)."""
     pads = []
     for axis, (k, s) in enumerate(zip(_triple(kernel_size), _triple(strides))):
         total = max(k - s, 0)
         if axis == 0 and causal:
-            pads.append((total, 0))
+            pads.append((k - 1 if first_frame else total, 0))
         else:
             pads.append((total // 2, total - total // 2))
     return pads
@@ -146,6 +150,7 @@ def conv3d(
     *,
     strides: int | Sequence[int] = 1,
     causal: bool = False,
+    first_frame: bool = False,
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
@@ -161,7 +166,7 @@ def conv3d(
         features,
         _triple(kernel_size),
         strides=_triple(strides),
-        padding=tuple(conv3d_padding(kernel_size, strides, causal)),
+        padding=tuple(conv3d_padding(kernel_size, strides, causal, first_frame)),
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -222,12 +227,18 @@ class ResBlock3D(nn.Module):
         return nn.with_logical_constraint(x + h, ACTIVATION_AXES_3D)
 
 
-def avg_pool_3d(x: jax.Array, temporal: bool) -> jax.Array:
+def avg_pool_3d(x: jax.Array, temporal: bool, first_frame: bool = False) -> jax.Array:
     """Mean over non-overlapping ``(2 or 1) x 2 x 2`` blocks of ``x`` ``[B, T, H, W, C]``.
 
     Equal to TensorFlow's ``avg_pool3d(..., 'SAME')`` (MAGVIT's ``downsample``) for sizes divisible
-    by the window, which :class:`Downsample3D` checks.
+    by the window, which :class:`Downsample3D` checks. ``first_frame`` (with ``temporal``): frame
+    0 is pooled alone in space and frames ``1 ..`` in pairs, so ``1 + 2m`` frames become ``1 + m``.
     """
+    if temporal and first_frame:
+        head = avg_pool_3d(x[:, :1], temporal=False)  # [B, 1, H/2, W/2, C]
+        if x.shape[1] == 1:
+            return head
+        return jnp.concatenate([head, avg_pool_3d(x[:, 1:], temporal=True)], axis=1)  # [B, 1 + (T-1)/2, ...]
     b, t, h, w, c = x.shape
     ft = 2 if temporal else 1
     x = x.reshape(b, t // ft, ft, h // 2, 2, w // 2, 2, c)  # [B, T/ft, ft, H/2, 2, W/2, 2, C]
@@ -242,27 +253,32 @@ class Downsample3D(nn.Module):
       mode: ``"avgpool"`` (MAGVIT v1, parameter-free) or ``"conv"`` (3x3x3 conv with stride
         ``(2 or 1, 2, 2)``, causal in time when ``causal``; MAGVIT's ``conv_downsample``).
       causal: causal time padding of the ``"conv"`` mode.
+      first_frame: frame 0 is downsampled alone and the rest in pairs (``1 + 2m`` frames ->
+        ``1 + m``; MAGVIT-v2), in either mode.
     """
 
     temporal: bool = True
     mode: str = "avgpool"
     causal: bool = False
+    first_frame: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ft = 2 if self.temporal else 1
-        if x.shape[1] % ft or x.shape[2] % 2 or x.shape[3] % 2:
+        first = self.first_frame and self.temporal
+        if (x.shape[1] - first) % ft or x.shape[2] % 2 or x.shape[3] % 2:
+            frames = f"T - 1 divisible by {ft}" if first else f"T divisible by {ft}"
             raise ValueError(
-                f"Downsample3D(temporal={self.temporal}) needs T divisible by {ft} and even H, W; got "
+                f"Downsample3D(temporal={self.temporal}) needs {frames} and even H, W; got "
                 f"{tuple(x.shape[1:4])}. Use clip lengths and sizes divisible by the tokenizer's factors."
             )
         if self.mode == "avgpool":
-            return avg_pool_3d(x, self.temporal)  # [B, T/ft, H/2, W/2, C]
+            return avg_pool_3d(x, self.temporal, first)  # [B, T/ft (or 1 + (T-1)/ft), H/2, W/2, C]
         if self.mode == "conv":
-            return conv3d(x.shape[-1], 3, strides=(ft, 2, 2), causal=self.causal, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="conv")(x)  # [B, T/ft, H/2, W/2, C]
+            return conv3d(x.shape[-1], 3, strides=(ft, 2, 2), causal=self.causal, first_frame=first,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)  # [B, t', H/2, W/2, C]
         raise ValueError(f"Downsample3D mode {self.mode!r} is unknown; use 'avgpool' or 'conv'.")
 
 
@@ -270,11 +286,14 @@ class Upsample3D(nn.Module):
     """Doubles H and W (and T when ``temporal``) by nearest-neighbour repetition, then a 3x3x3 conv.
 
     MAGVIT's ``nearest+conv`` upsampler. The conv's parameters live under ``conv``, like the 2D
-    :class:`~vqgen.modules.conv.Upsample`.
+    :class:`~vqgen.modules.conv.Upsample`. ``first_frame`` (with ``temporal``): the first of the
+    doubled frames is dropped, so ``1 + m`` frames become ``1 + 2m`` and frame 0 stays alone
+    (MAGVIT-v2).
     """
 
     temporal: bool = True
     causal: bool = False
+    first_frame: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -282,6 +301,8 @@ class Upsample3D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.temporal:
             x = jnp.repeat(x, 2, axis=1)  # [B, 2T, H, W, C]
+            if self.first_frame:
+                x = x[:, 1:]  # [B, 2T - 1, H, W, C]
         x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # [B, T', 2H, 2W, C]
         return conv3d(x.shape[-1], 3, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="conv")(x)

@@ -23,10 +23,14 @@ image tokenizer's parameters can be inflated into this one by name (:func:`infla
 and GroupNorm statistics are per frame (see :mod:`vqgen.modules.conv3d`). With temporal factor
 ``f``, token frame ``j`` depends only on input frames ``< f * (j + 1)`` and reconstructed frame
 ``t`` only on input frames ``< f * (t // f + 1)`` (block-causal; strictly causal when
-``f == 1``). Deviation from MAGVIT-v2: no separate first frame (``T`` must be divisible by ``f``,
-not ``1 + k f``), average-pool rather than strided-conv downsampling, and no LFQ-specific
-decoder (adaptive GroupNorm, depth-to-space); plug in a ``LookupFreeQuantizer`` as ``quantizer``
-for LFQ.
+``f == 1``). ``first_frame=True`` (with ``causal``) is MAGVIT-v2's layout: frame 0 is encoded
+alone and the rest in blocks of ``f`` (``T = 1 + k f`` frames -> ``1 + k`` token frames; every
+temporal downsampling pools frame 0 alone, or pads ``kt - 1`` past frames before a strided conv,
+and every temporal upsampling drops the first repeated frame), so an image (``T = 1``) and the
+first frame of a video share their tokens and one tokenizer serves both. Remaining deviations
+from MAGVIT-v2: average-pool downsampling by default (``down_mode="conv"`` for strided convs),
+and no LFQ-specific decoder (adaptive GroupNorm, depth-to-space); plug in a
+``LookupFreeQuantizer`` as ``quantizer`` for LFQ.
 
 Parameter paths: the decoder's last conv kernel is ``("decoder", "conv_out", "kernel")``
 (:data:`LAST_LAYER`), the same path as the 2D VQGAN.
@@ -66,6 +70,7 @@ class Encoder3D(nn.Module):
     num_res_blocks: int = 2
     temporal_downsample: Sequence[bool] = (True, True, False)
     causal: bool = False
+    first_frame: bool = False
     z_channels: int = 256
     norm_groups: int = 32
     down_mode: str = "avgpool"
@@ -82,7 +87,7 @@ class Encoder3D(nn.Module):
             for j in range(self.num_res_blocks):
                 h = ResBlock3D(self.ch * mult, name=f"down_{i}_block_{j}", **bkw)(h, train)  # [B, t, h, w, C_i]
             if i != len(self.ch_mult) - 1:
-                h = Downsample3D(bool(self.temporal_downsample[i]), self.down_mode, self.causal,
+                h = Downsample3D(bool(self.temporal_downsample[i]), self.down_mode, self.causal, self.first_frame,
                                  name=f"down_{i}_downsample", **kw)(h)  # [B, t/ft, h/2, w/2, C_i]
         for k in range(self.num_res_blocks):
             h = ResBlock3D(h.shape[-1], name=f"mid_block_{k + 1}", **bkw)(h, train)
@@ -99,6 +104,7 @@ class Decoder3D(nn.Module):
     num_res_blocks: int = 2
     temporal_downsample: Sequence[bool] = (True, True, False)
     causal: bool = False
+    first_frame: bool = False
     out_channels: int = 3
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
@@ -116,7 +122,7 @@ class Decoder3D(nn.Module):
             for j in range(self.num_res_blocks):
                 h = ResBlock3D(self.ch * self.ch_mult[i], name=f"up_{i}_block_{j}", **bkw)(h, train)
             if i != 0:
-                h = Upsample3D(bool(self.temporal_downsample[i - 1]), self.causal,
+                h = Upsample3D(bool(self.temporal_downsample[i - 1]), self.causal, self.first_frame,
                                name=f"up_{i}_upsample", **kw)(h)  # [B, t*ft, 2h, 2w, C_i]
         h = swish(apply_norm(group_norm(num_groups=self.norm_groups, name="norm_out", **kw), h, self.causal))
         return conv3d(self.out_channels, 3, causal=self.causal, name="conv_out", **kw)(h)  # [B, T, H, W, out]
@@ -135,6 +141,9 @@ class MAGVIT(nn.Module):
       temporal_downsample: one bool per downsampling (``len(ch_mult) - 1``): whether that level
         also halves T. Temporal factor ``2 ** sum(temporal_downsample)``.
       causal: MAGVIT-v2-style causal padding and per-frame normalisation (see module docstring).
+      first_frame: with ``causal``, frame 0 is encoded alone (MAGVIT-v2): clips of ``1 + k ft``
+        frames give ``1 + k`` token frames, and an image (``T = 1``) gives the same tokens as the
+        first frame of any video that starts with it.
       z_channels: encoder output / decoder input channels.
       embed_dim: quantizer input channels; with ``use_quant_conv`` 1x1x1 convs map
         ``z_channels <-> embed_dim``, otherwise the two must be equal (MAGVIT v1).
@@ -153,6 +162,7 @@ class MAGVIT(nn.Module):
     num_res_blocks: int = 2
     temporal_downsample: Sequence[bool] = (True, True, False)
     causal: bool = False
+    first_frame: bool = False
     z_channels: int = 256
     embed_dim: int = 256
     use_quant_conv: bool = False
@@ -174,6 +184,9 @@ class MAGVIT(nn.Module):
             )
         for mult in self.ch_mult:
             check_groups(self.ch * mult, self.norm_groups, where)
+        if self.first_frame and not self.causal:
+            raise ValueError("first_frame=True encodes frame 0 alone, which needs causal=True; set causal=True "
+                             "or first_frame=False.")
         if not self.use_quant_conv and self.embed_dim != self.z_channels:
             raise ValueError(
                 f"embed_dim={self.embed_dim} differs from z_channels={self.z_channels} but use_quant_conv is "
@@ -181,7 +194,7 @@ class MAGVIT(nn.Module):
             )
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     temporal_downsample=tuple(bool(t) for t in self.temporal_downsample), causal=self.causal,
-                    norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+                    first_frame=self.first_frame, norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder3D(z_channels=self.z_channels, down_mode=self.down_mode, **arch)
         self.decoder = Decoder3D(out_channels=self.out_channels or self.in_channels, **arch)
         if self.use_quant_conv:
@@ -203,7 +216,8 @@ class MAGVIT(nn.Module):
         """Token grid ``(t, h, w)`` of a clip of ``num_frames`` frames of ``size x size`` pixels."""
         t = self.num_frames if num_frames is None else num_frames
         s = self.resolution if size is None else size
-        return t // self.temporal_factor, s // self.spatial_factor, s // self.spatial_factor
+        frames = 1 + (t - 1) // self.temporal_factor if self.first_frame else t // self.temporal_factor
+        return frames, s // self.spatial_factor, s // self.spatial_factor
 
     def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 5 or x.shape[-1] != self.in_channels:
@@ -212,7 +226,12 @@ class MAGVIT(nn.Module):
                 "pass channels-last clips or set in_channels."
             )
         ft, fs = self.temporal_factor, self.spatial_factor
-        if x.shape[1] % ft or x.shape[2] % fs or x.shape[3] % fs:
+        if self.first_frame and (x.shape[1] - 1) % ft:
+            raise ValueError(
+                f"clip of {x.shape[1]} frames does not fit a first-frame tokenizer with time factor {ft}; use "
+                f"1 + k*{ft} frames (1 for an image, {1 + 4 * ft} for {4 * ft} frames after the first)."
+            )
+        if (not self.first_frame and x.shape[1] % ft) or x.shape[2] % fs or x.shape[3] % fs:
             raise ValueError(
                 f"clip of {x.shape[1]} frames of {x.shape[2]}x{x.shape[3]} does not fit the tokenizer's factors "
                 f"(time {ft}, space {fs}); use a frame count divisible by {ft} and sizes divisible by {fs}."
