@@ -1,6 +1,7 @@
 """The benchmark harness: runs every benchmark present and writes one JSON and one Markdown table.
 
-    python benchmarks/run.py [--quick] [--only NAME ...] [--machine NAME]
+    python benchmarks/run.py [--quick] [--only NAME ...] [--machine NAME] [--compare BASE.json]
+    python benchmarks/run.py --compare BASE.json NEW.json     # two earlier results, nothing run
 
 A benchmark is a module ``benchmarks/<name>.py`` with ``run(quick: bool) -> dict`` whose result
 holds a ``"table"`` list of :func:`benchmarks.common.row` dicts. The harness first measures this
@@ -16,7 +17,12 @@ its own), showing progress, and writes
   no-cache decoding ratio.
 
 ``--only`` runs the named benchmarks and merges them into an existing result file of the same
-machine and setting. Timings are recorded, never asserted.
+machine and setting. ``--compare BASE.json`` prints, after the run, every row's throughput beside
+the row of the same benchmark and case in an earlier result file with their ratio (new / base),
+the MFU and peak memory of both, and the two runs' matmul peaks and bandwidths (so a faster host
+is not taken for faster code); with a second file it compares the two files and runs nothing.
+The comparison is also written as ``<stem>_vs_<base stem>.md``. Timings are recorded, never
+asserted.
 """
 from __future__ import annotations
 
@@ -118,6 +124,72 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _rows(report: dict) -> dict[tuple[str, str], dict]:
+    return {(r["benchmark"], r["case"]): r for res in report.get("benchmarks", {}).values()
+            for r in res.get("table", [])}
+
+
+def _ratio(new, base) -> str:
+    return "–" if not new or not base else f"{new / base:.2f}x"
+
+
+def compare(base: dict, new: dict) -> str:
+    """Markdown: every row of ``new`` beside the row of the same benchmark and case of ``base``
+    (throughput, their ratio, MFU and peak RSS of both), rows only one side has, and both
+    machines' peaks. Pure; nothing is judged."""
+    lines = ["# Benchmark comparison", ""]
+    for label, rep in (("base", base), ("new", new)):
+        m, peak, bw = rep["machine"], rep["matmul_peak"], rep["copy_bandwidth"]
+        lines.append(f"- {label}: `{m['name']}`{' (quick)' if rep.get('quick') else ''}, {m['date']}, jax {m['jax']}; "
+                     f"matmul peak {peak['gflops']:.1f} GFLOP/s, copy bandwidth {bw['gb_per_s']:.1f} GB/s")
+    lines.append(f"- matmul peak new / base: {_ratio(new['matmul_peak']['gflops'], base['matmul_peak']['gflops'])}; "
+                 f"copy bandwidth new / base: "
+                 f"{_ratio(new['copy_bandwidth']['gb_per_s'], base['copy_bandwidth']['gb_per_s'])}")
+    lines += ["", "| benchmark | case | base | new | new / base | MFU base → new | peak RSS base → new (MiB) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    old_rows, new_rows = _rows(base), _rows(new)
+    for key, r in new_rows.items():
+        b = old_rows.get(key)
+        thr = "–" if r["throughput"] is None else f"{_fmt(r['throughput'])} {r['unit']}"
+        if b is None:
+            lines.append(f"| {key[0]} | {key[1]} | not in base | {thr} | – | – | – |")
+            continue
+        bthr = "–" if b["throughput"] is None else f"{_fmt(b['throughput'])} {b['unit']}"
+        same_unit = b["unit"] == r["unit"]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {bthr} | {thr} | {_ratio(r['throughput'], b['throughput']) if same_unit else 'units differ'} "
+            f"| {_pct(b.get('mfu'))} → {_pct(r.get('mfu'))} | {_fmt(b.get('peak_rss_mib'))} → {_fmt(r.get('peak_rss_mib'))} |")
+    for key, b in old_rows.items():
+        if key not in new_rows:
+            bthr = "–" if b["throughput"] is None else f"{_fmt(b['throughput'])} {b['unit']}"
+            lines.append(f"| {key[0]} | {key[1]} | {bthr} | not in new | – | – | – |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _read_report(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--compare: {path} does not exist; give a result file written by benchmarks/run.py.") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--compare: {path} is not JSON ({e.msg} at line {e.lineno}); give a result file written "
+                         "by benchmarks/run.py.") from None
+    if not isinstance(report, dict) or not {"machine", "matmul_peak", "copy_bandwidth", "benchmarks"} <= set(report):
+        raise SystemExit(f"--compare: {path} is not a benchmarks/run.py result file (no machine, peaks and "
+                         "benchmarks); give the <machine>.json it wrote.")
+    return report
+
+
+def _write_comparison(base_path: str, new_path: str, base: dict, new: dict) -> str:
+    text = compare(base, new)
+    out = Path(new_path).with_name(f"{Path(new_path).stem}_vs_{Path(base_path).stem}.md")
+    out.write_text(text)
+    print(text)
+    print(f"wrote {out}", flush=True)
+    return text
+
+
 def _worker(name: str, quick: bool, result_file: str) -> int:
     try:
         result = run_module(name, quick)
@@ -144,11 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--machine", help="name of the result files (default: the host name, sanitised)")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the JSON and Markdown go")
+    parser.add_argument("--compare", nargs="+", metavar="FILE",
+                        help="BASE.json: after the run, each row's ratio to an earlier result file; "
+                             "BASE.json NEW.json: compare two result files and run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args.worker, args.quick, args.result_file)
+    if args.compare:
+        if len(args.compare) > 2:
+            parser.error(f"--compare takes BASE.json, or BASE.json NEW.json; got {len(args.compare)} files.")
+        base = _read_report(args.compare[0])
+        if len(args.compare) == 2:
+            _write_comparison(args.compare[0], args.compare[1], base, _read_report(args.compare[1]))
+            return 0
 
     from benchmarks import common
 
@@ -201,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text(markdown(report))
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path} in {report['total_wall_s']:.0f} s", flush=True)
+    if args.compare:
+        _write_comparison(args.compare[0], str(json_path), base, json.loads(json_path.read_text()))
     return 1 if any("error" in r for r in benchmarks.values()) else 0
 
 

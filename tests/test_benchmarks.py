@@ -100,3 +100,39 @@ def test_unknown_only_name_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         run.main(["--only", "nope"])
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_compare_puts_each_row_beside_its_base_with_the_ratio(tmp_path, capsys):
+    base = _fake_report()
+    new = json.loads(json.dumps(base))
+    new["machine"]["name"] = "fake-host-2"
+    new["matmul_peak"]["gflops"] *= 2
+    new["benchmarks"]["sample_gpt"]["table"][0]["throughput"] = 334.0  # twice the base
+    new["benchmarks"]["train_tokenizer"]["table"].append(
+        common.row("train_tokenizer", "a new case", throughput=1.0, unit="images/s"))
+    del new["benchmarks"]["quantizers"]
+    md = run.compare(base, new)
+    gpt = next(line for line in md.splitlines() if line.startswith("| sample_gpt"))
+    assert "167 tokens/s" in gpt and "334 tokens/s" in gpt and "2.00x" in gpt
+    tok = next(line for line in md.splitlines() if line.startswith("| train_tokenizer | quickstart"))
+    assert "1.00x" in tok and "37.3% → 37.3%" in tok
+    assert "| train_tokenizer | a new case | not in base |" in md
+    assert "matmul peak new / base: 2.00x" in md and "fake-host-1" in md and "fake-host-2" in md
+
+    # Through the command line: two files, nothing run, the table printed and written beside NEW.
+    b, n = tmp_path / "base.json", tmp_path / "new.json"
+    b.write_text(json.dumps(base))
+    n.write_text(json.dumps(new))
+    assert run.main(["--compare", str(b), str(n)]) == 0
+    assert "2.00x" in capsys.readouterr().out
+    assert "2.00x" in (tmp_path / "new_vs_base.md").read_text()
+
+
+@pytest.mark.parametrize("content, needle", [(None, "does not exist"), ("{not json", "is not JSON"),
+                                             ('{"a": 1}', "is not a benchmarks/run.py result file")])
+def test_compare_bad_file_is_one_sentence(tmp_path, content, needle):
+    path = tmp_path / "base.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=needle):
+        run.main(["--compare", str(path), str(path)])
