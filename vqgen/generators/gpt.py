@@ -52,7 +52,7 @@ import optax
 from vqgen.generators import sampling
 from vqgen.modules.attention import Cache, TransformerBlock
 from vqgen.modules.attention import init_cache as init_layer_cache
-from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm
+from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm, f32_dot_general
 from vqgen.modules.rope import rope_2d_table
 
 VIDEO = False  # the token grid is (h, w) (the generator protocol, vqgen/generators/__init__.py)
@@ -200,6 +200,7 @@ class GPT(nn.Module):
             kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            dot_general=f32_dot_general,
         )
 
     def _trunk(self, h, pos, cache, train):

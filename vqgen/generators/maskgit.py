@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgen.generators import mask_schedules, sampling
+from vqgen.modules.layers import f32_dot_general
 
 VIDEO = False  # the token grid is (h, w) (the generator protocol, vqgen/generators/__init__.py)
 
@@ -101,6 +102,7 @@ def _dense(features, axes, name, dtype, param_dtype, use_bias=True):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
         dtype=dtype,
         param_dtype=param_dtype,
+        dot_general=f32_dot_general,
         name=name,
     )
 
@@ -129,7 +131,8 @@ class HeadProjection(nn.Module):
             k_shape, k_axes, b_shape, b_axes, eq = (h, hd, d), ("heads", "kv", "embed"), (d,), ("embed",), "bshk,hkd->bsd"
         kernel = self.param("kernel", nn.with_logical_partitioning(truncated_normal_init(), k_axes), k_shape, self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, b_axes), b_shape, self.param_dtype)
-        y = jnp.einsum(eq, x.astype(self.dtype), kernel.astype(self.dtype))  # [B, S, H, hd] or [B, S, D]
+        y = jnp.einsum(eq, x.astype(self.dtype), kernel.astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)  # [B, S, H, hd] or [B, S, D]
         return y + bias.astype(self.dtype)
 
 
@@ -170,7 +173,8 @@ class BidirectionalAttention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, S, S]
         probs = jax.nn.softmax(scores * (hd**-0.5), axis=-1)  # [B, H, S, S] float32
         probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v.astype(self.dtype))  # [B, S, H, hd]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v.astype(self.dtype),
+                         preferred_element_type=jnp.float32).astype(self.dtype)  # [B, S, H, hd]
         return proj("out", to_heads=False)(out)  # [B, S, D]
 
 

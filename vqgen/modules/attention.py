@@ -126,7 +126,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask, scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, KV, G, S, T] float32
         probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=not train)
-        out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(self.dtype), values.astype(self.dtype))  # [B, KV, G, S, hd]
+        out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(self.dtype), values.astype(self.dtype),
+                         preferred_element_type=jnp.float32).astype(self.dtype)  # [B, KV, G, S, hd]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)  # [B, S, H, hd]
         out = DenseGeneral(
             (dim,), ("heads", "kv", "embed"), 2, self.init_std, self.dtype, self.param_dtype, name="wo"
