@@ -90,7 +90,7 @@ from vqgen.convert.conv_blocks import (
     resnet_keys,
     resnet_params,
 )
-from vqgen.convert.workdir import ConversionError, check_keys, linear_kernel, read_state_dict, write_workdir
+from vqgen.convert.workdir import ConversionError, check_keys, linear_kernel, read_state_dict, set_fields, write_workdir
 from vqgen.generators import gpt as gpt_lib
 from vqgen.modules.layers import swiglu_hidden_dim
 from vqgen.modules.rope import rope_2d_table
@@ -470,12 +470,6 @@ def image_size_from_name(path: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def _base_config(gpt: GPTInfo | None, spec: str | None) -> tuple[ml_collections.ConfigDict, str]:
     from vqgen import config_lib  # the configs import the training stack
 
@@ -530,12 +524,12 @@ def make_config(vq: VQInfo | None, gpt: GPTInfo | None, image_size: int | None =
     ch_mult = vq.ch_mult if vq is not None else tuple(int(m) for m in tok.ch_mult)
     factor = 2 ** (len(ch_mult) - 1)
     if vq is not None:
-        _set(tok, ch=vq.ch, ch_mult=vq.ch_mult, num_res_blocks=vq.num_res_blocks, z_channels=vq.z_channels,
+        set_fields(tok, ch=vq.ch, ch_mult=vq.ch_mult, num_res_blocks=vq.num_res_blocks, z_channels=vq.z_channels,
              embed_dim=vq.embed_dim, attn_resolutions=(int(tok.resolution) // factor,))
-        _set(tok.quantizer, codebook_size=vq.codebook_size)
-        _set(base.data, channels=vq.in_channels)
+        set_fields(tok.quantizer, codebook_size=vq.codebook_size)
+        set_fields(base.data, channels=vq.in_channels)
     else:
-        _set(tok.quantizer, codebook_size=gpt.vocab_size)
+        set_fields(tok.quantizer, codebook_size=gpt.vocab_size)
     stored = gpt.grid * factor if gpt is not None and gpt.grid else None
     if image_size is not None and stored is not None and int(image_size) != stored:
         raise ConversionError(f"{gpt_name} stores a {gpt.grid}x{gpt.grid} token grid ({stored}px with {factor}x "
@@ -544,23 +538,23 @@ def make_config(vq: VQInfo | None, gpt: GPTInfo | None, image_size: int | None =
     if size % factor:
         raise ConversionError(f"the image size {size} is not a multiple of the VQ's downsampling {factor}; pass "
                               f"--image-size as a multiple of {factor} (256 or 384 for LlamaGen's releases).")
-    _set(base.data, image_size=size)
+    set_fields(base.data, image_size=size)
     if gpt is not None:
-        _set(base.data, num_classes=gpt.num_classes)
+        set_fields(base.data, num_classes=gpt.num_classes)
         gen = base.generator
-        _set(gen, depth=gpt.depth, width=gpt.width, num_heads=gpt.num_heads, num_kv_heads=gpt.num_kv_heads,
+        set_fields(gen, depth=gpt.depth, width=gpt.width, num_heads=gpt.num_heads, num_kv_heads=gpt.num_kv_heads,
              **ffn_fields(gpt.width, gpt.hidden_dim))
         if not gpt.null_class:
-            _set(gen, class_dropout_prob=0.0)
-            _set(base.sample, cfg_scale=1.0)  # guidance needs the null class
+            set_fields(gen, class_dropout_prob=0.0)
+            set_fields(base.sample, cfg_scale=1.0)  # guidance needs the null class
         elif float(gen.class_dropout_prob) <= 0:
-            _set(gen, class_dropout_prob=0.1)  # the table has the null row: LlamaGen's rate
+            set_fields(gen, class_dropout_prob=0.1)  # the table has the null row: LlamaGen's rate
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
         if gpt is not None:
-            _set(base.generator, dtype=dtype)
+            set_fields(base.generator, dtype=dtype)
     base.lock()
     return base, spec
 

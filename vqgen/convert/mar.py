@@ -80,7 +80,14 @@ import numpy as np
 
 from vqgen.convert.conv_blocks import (attn_keys, attn_params, conv_keys, conv_params, count_indices, norm_keys,
                                        norm_params, resnet_keys, resnet_params)
-from vqgen.convert.workdir import ConversionError, check_keys, load_state_dict, read_state_dict, write_workdir
+from vqgen.convert.workdir import (
+    ConversionError,
+    check_keys,
+    load_state_dict,
+    read_state_dict,
+    set_fields,
+    write_workdir,
+)
 
 from vqgen.generators import diffusion_loss as dl
 from vqgen.generators import mar as mar_lib
@@ -494,12 +501,6 @@ def check_pair(vae: VAEInfo, mar: MARInfo, vae_name: str = "the VAE file", mar_n
     return p
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def make_config(vae: VAEInfo | None, mar: MARInfo | None, *, patch_size: int = 1,
                 dtype: str | None = None) -> ml_collections.ConfigDict:
     """The paper config with the sizes of the converted files written over it (locked)."""
@@ -514,26 +515,26 @@ def make_config(vae: VAEInfo | None, mar: MARInfo | None, *, patch_size: int = 1
     stride = 2 ** (len(ch_mult) - 1)
     image_size = mar.grid[0] * patch_size * stride if mar is not None else int(config.data.image_size)
     if vae is not None:
-        _set(tok, ch=vae.ch, ch_mult=ch_mult, num_res_blocks=vae.num_res_blocks, embed_dim=vae.embed_dim,
+        set_fields(tok, ch=vae.ch, ch_mult=ch_mult, num_res_blocks=vae.num_res_blocks, embed_dim=vae.embed_dim,
              resolution=image_size,
              encoder_attn_resolutions=vae.attn_resolutions(image_size, vae.encoder_attn_levels),
              decoder_attn_resolutions=vae.attn_resolutions(image_size, vae.decoder_attn_levels))
     else:
-        _set(tok, embed_dim=mar.token_dim // (patch_size * patch_size), resolution=image_size,
+        set_fields(tok, embed_dim=mar.token_dim // (patch_size * patch_size), resolution=image_size,
              encoder_attn_resolutions=(image_size // stride,))
-    _set(config.data, image_size=image_size, channels=vae.in_channels if vae is not None else 3)
+    set_fields(config.data, image_size=image_size, channels=vae.in_channels if vae is not None else 3)
     if mar is not None:
-        _set(config.data, num_classes=mar.num_classes)
-        _set(config.generator, patch_size=patch_size, buffer_size=mar.buffer_size, encoder_width=mar.encoder_width,
+        set_fields(config.data, num_classes=mar.num_classes)
+        set_fields(config.generator, patch_size=patch_size, buffer_size=mar.buffer_size, encoder_width=mar.encoder_width,
              encoder_depth=mar.encoder_depth, encoder_heads=mar.encoder_heads, decoder_width=mar.decoder_width,
              decoder_depth=mar.decoder_depth, decoder_heads=mar.decoder_heads, mlp_ratio=mar.mlp_ratio,
              diffloss_depth=mar.head.depth, diffloss_width=mar.head.width)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
         if mar is not None:
-            _set(config.generator, dtype=dtype)
+            set_fields(config.generator, dtype=dtype)
     config.lock()
     return config
 

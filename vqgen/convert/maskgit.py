@@ -94,7 +94,7 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
-from vqgen.convert.workdir import ConversionError, check_keys, write_workdir
+from vqgen.convert.workdir import ConversionError, check_keys, set_fields, write_workdir
 
 TOKENIZER_CONFIG = "tokenizers/maskgit_vqgan"
 GENERATOR_CONFIG = "generators/maskgit:paper"
@@ -488,12 +488,6 @@ def image_size_from_name(*paths: str | None) -> int | None:
     return None
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def _check_against_config(config, spec: str, tok: TokenizerInfo | None, tr: TransformerInfo | None, tok_name: str,
                           tr_name: str) -> None:
     """Refuses files whose sizes differ from the architecture ``--config`` describes."""
@@ -540,15 +534,15 @@ def make_config(tok: TokenizerInfo | None, tr: TransformerInfo | None, image_siz
         _check_against_config(base, spec, tok, tr, tok_name, tr_name)
     section = base.tokenizer
     if tok is not None:
-        _set(section, ch=tok.filters, ch_mult=tok.ch_mult, num_res_blocks=tok.num_res_blocks,
+        set_fields(section, ch=tok.filters, ch_mult=tok.ch_mult, num_res_blocks=tok.num_res_blocks,
              z_channels=tok.embedding_dim, embed_dim=tok.embedding_dim, attn_resolutions=(), use_quant_conv=False,
              norm_groups=32, pixel_range="unit")
-        _set(section.quantizer, codebook_size=tok.codebook_size)
+        set_fields(section.quantizer, codebook_size=tok.codebook_size)
         if "l2_normalize" in section.quantizer:
-            _set(section.quantizer, l2_normalize=False)
-        _set(base.data, channels=tok.in_channels)
+            set_fields(section.quantizer, l2_normalize=False)
+        set_fields(base.data, channels=tok.in_channels)
     else:
-        _set(section.quantizer, codebook_size=tr.codebook_size)
+        set_fields(section.quantizer, codebook_size=tr.codebook_size)
     factor = 2 ** (len(section.ch_mult) - 1)
     stored = tr.grid * factor if tr is not None else None
     if image_size is not None and stored is not None and int(image_size) != stored:
@@ -558,20 +552,20 @@ def make_config(tok: TokenizerInfo | None, tr: TransformerInfo | None, image_siz
     if size % factor:
         raise ConversionError(f"the image size {size} is not a multiple of the tokenizer's downsampling {factor}; "
                               f"pass --image-size as a multiple of {factor} (256 or 512 for MaskGIT's releases).")
-    _set(base.data, image_size=size)
+    set_fields(base.data, image_size=size)
     if tr is not None:
-        _set(base.data, num_classes=tr.num_classes)
-        _set(base.generator, depth=tr.depth, width=tr.width, num_heads=tr.num_heads, mlp_dim=tr.mlp_dim,
+        set_fields(base.data, num_classes=tr.num_classes)
+        set_fields(base.generator, depth=tr.depth, width=tr.width, num_heads=tr.num_heads, mlp_dim=tr.mlp_dim,
              class_dropout_prob=0.0)  # the released vocabulary has no "no label" row
         if "tie_embeddings" in base.generator:
-            _set(base.generator, tie_embeddings=True)
-        _set(base.sample, cfg_scale=1.0, cfg_schedule="constant")  # guidance needs the null class
+            set_fields(base.generator, tie_embeddings=True)
+        set_fields(base.sample, cfg_scale=1.0, cfg_schedule="constant")  # guidance needs the null class
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(section, dtype=dtype)
+        set_fields(section, dtype=dtype)
         if tr is not None:
-            _set(base.generator, dtype=dtype)
+            set_fields(base.generator, dtype=dtype)
     base.lock()
     return base, spec
 

@@ -82,6 +82,7 @@ from vqgen.convert.workdir import (
     linear_kernel,
     oihw_to_hwio,
     read_state_dict,
+    set_fields,
     write_workdir,
 )
 
@@ -341,12 +342,6 @@ def convert_params(weights: Mapping[str, np.ndarray], info: SeedVokenInfo) -> di
     return taming.convert_params(weights, info.vqgan_info())
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def _lfq_groups(dim: int, current: int) -> int:
     """The config's LFQ ``num_groups`` when it divides ``dim``, else the fewest groups of <= 18 bits."""
     from vqgen.quantizers.lfq import MAX_GROUP_BITS
@@ -367,24 +362,24 @@ def make_config(info: SeedVokenInfo, image_size: int | None = None, *, dtype: st
     base = config_lib.load_config(spec)
     tok = base.tokenizer
     resolution = int(tok.resolution)
-    _set(tok, ch=info.ch, ch_mult=info.ch_mult, num_res_blocks=info.num_res_blocks, z_channels=info.z_channels,
+    set_fields(tok, ch=info.ch, ch_mult=info.ch_mult, num_res_blocks=info.num_res_blocks, z_channels=info.z_channels,
          embed_dim=info.embed_dim, attn_resolutions=tuple(resolution // 2**i for i in info.attn_levels))
     if info.family == "magvit2":
-        _set(tok, style="magvit2", use_quant_conv=False)
-        _set(tok.quantizer, dim=info.embed_dim, bit_order="lsb", entropy_eps=OFFICIAL_ENTROPY_EPS,
+        set_fields(tok, style="magvit2", use_quant_conv=False)
+        set_fields(tok.quantizer, dim=info.embed_dim, bit_order="lsb", entropy_eps=OFFICIAL_ENTROPY_EPS,
              num_groups=_lfq_groups(info.embed_dim, int(tok.quantizer.num_groups)))
     else:
-        _set(tok, style="taming", use_quant_conv=True)
-        _set(tok.quantizer, codebook_size=info.codebook_size)
+        set_fields(tok, style="taming", use_quant_conv=True)
+        set_fields(tok.quantizer, codebook_size=info.codebook_size)
     size = int(image_size or base.data.image_size)
     if size % info.downsample:
         raise ConversionError(f"the image size {size} is not a multiple of the tokenizer's downsampling "
                               f"{info.downsample}; pass --image-size as a multiple of {info.downsample}.")
-    _set(base.data, image_size=size, channels=info.in_channels)
+    set_fields(base.data, image_size=size, channels=info.in_channels)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
     base.lock()
     return base, spec
 

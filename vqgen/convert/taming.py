@@ -62,7 +62,7 @@ from vqgen.convert.conv_blocks import (
     resnet_keys,
     resnet_params,
 )
-from vqgen.convert.workdir import ConversionError, check_keys, read_state_dict, write_workdir
+from vqgen.convert.workdir import ConversionError, check_keys, read_state_dict, set_fields, write_workdir
 
 WRAPPERS = (("state_dict",), ("model",))
 LOSS_PREFIX = "loss."  # Lightning keeps the training loss (LPIPS, discriminator) in the module's state dict
@@ -220,12 +220,6 @@ def convert_params(state: Mapping[str, np.ndarray], info: VQGANInfo) -> dict:
             "post_quant_conv": conv("post_quant_conv"), "quantizer": {"codebook": state["quantize.embedding.weight"]}}
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def make_config(info: VQGANInfo, image_size: int | None = None, *, dtype: str | None = None,
                 config: str | None = None, name: str = "the VQGAN file") -> tuple[ml_collections.ConfigDict, str]:
     """The base config (``config``, default :data:`BASE_CONFIG`) with the file's sizes written over
@@ -246,21 +240,21 @@ def make_config(info: VQGANInfo, image_size: int | None = None, *, dtype: str | 
                 f"--config {spec} describes ch {want[0]}, multipliers {want[1]}, {want[2]} codes; pass the matching "
                 "file or config, or drop --config.")
     resolution = int(tok.resolution)
-    _set(tok, ch=info.ch, ch_mult=info.ch_mult, num_res_blocks=info.num_res_blocks, z_channels=info.z_channels,
+    set_fields(tok, ch=info.ch, ch_mult=info.ch_mult, num_res_blocks=info.num_res_blocks, z_channels=info.z_channels,
          embed_dim=info.embed_dim, attn_resolutions=tuple(resolution // 2**i for i in info.attn_levels),
          use_quant_conv=True)
     if "quant_conv_kernel" in tok:
-        _set(tok, quant_conv_kernel=1)
-    _set(tok.quantizer, codebook_size=info.codebook_size, l2_normalize=False)
+        set_fields(tok, quant_conv_kernel=1)
+    set_fields(tok.quantizer, codebook_size=info.codebook_size, l2_normalize=False)
     size = int(image_size or base.data.image_size)
     if size % info.downsample:
         raise ConversionError(f"the image size {size} is not a multiple of the VQGAN's downsampling {info.downsample}; "
                               f"pass --image-size as a multiple of {info.downsample}.")
-    _set(base.data, image_size=size, channels=info.in_channels)
+    set_fields(base.data, image_size=size, channels=info.in_channels)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
     base.lock()
     return base, spec
 

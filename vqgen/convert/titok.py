@@ -84,6 +84,7 @@ from vqgen.convert.workdir import (
     linear_kernel,
     load_state_dict,
     oihw_to_hwio,
+    set_fields,
     write_workdir,
 )
 
@@ -396,12 +397,6 @@ def convert_params(state: Mapping[str, np.ndarray], info: TiTokInfo) -> dict:
 # -------------------------------------------------------------------------------------- config
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def config_variant(info: TiTokInfo) -> str:
     """The ``configs/tokenizers/titok.py`` variant the config starts from."""
     return info.variant or ("L-32" if info.decoder_head == "proxy_codes" else "BL-64-VQ")
@@ -413,7 +408,7 @@ def make_config(info: TiTokInfo, *, dtype: str | None = None) -> ml_collections.
 
     config = config_lib.load_config(CONFIG, config_variant(info))
     tok = config.tokenizer
-    _set(tok, image_size=info.image_size, patch_size=info.patch_size, num_latent_tokens=info.num_latent_tokens,
+    set_fields(tok, image_size=info.image_size, patch_size=info.patch_size, num_latent_tokens=info.num_latent_tokens,
          token_size=info.token_size, enc_width=info.enc_width, enc_depth=info.enc_depth, enc_heads=info.enc_heads,
          enc_mlp_dim=info.enc_mlp_dim, dec_width=info.dec_width, dec_depth=info.dec_depth, dec_heads=info.dec_heads,
          dec_mlp_dim=info.dec_mlp_dim, decoder_head=info.decoder_head,
@@ -421,13 +416,13 @@ def make_config(info: TiTokInfo, *, dtype: str | None = None) -> ml_collections.
     if info.decoder_head == "proxy_codes":  # sizes of the MaskGIT decoder, written only where not the official ones
         extra = {k: getattr(info, k) for k, default in PROXY_DEFAULTS.items() if getattr(info, k) != default}
         if extra:
-            _set(tok, **extra)
-    _set(tok.quantizer, codebook_size=info.codebook_size, l2_normalize=info.l2_normalize)
-    _set(config.data, image_size=info.image_size, channels=info.in_channels)
+            set_fields(tok, **extra)
+    set_fields(tok.quantizer, codebook_size=info.codebook_size, l2_normalize=info.l2_normalize)
+    set_fields(config.data, image_size=info.image_size, channels=info.in_channels)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
     config.lock()
     return config
 

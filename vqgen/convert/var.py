@@ -78,6 +78,7 @@ from vqgen.convert.workdir import (
     linear_kernel,
     load_state_dict,
     oihw_to_hwio,
+    set_fields,
     write_workdir,
 )
 from vqgen.quantizers.multiscale import VAR_SCALES  # VAR's 256px schedule
@@ -459,12 +460,6 @@ def check_pair(vae: VAEInfo, var: VARInfo, vae_name: str = "the VQ-VAE file", va
             f"{var.vocab_size} codes of width {var.vae_dim}; pass the VQ-VAE the transformer was trained with.")
 
 
-def _set(section: ml_collections.ConfigDict, **values: Any) -> None:
-    with section.unlocked():
-        for key, value in values.items():
-            section[key] = value
-
-
 def make_config(vae: VAEInfo | None, var: VARInfo | None, scales: Sequence[int], *,
                 dtype: str | None = None) -> ml_collections.ConfigDict:
     """The paper config with the sizes of the converted files written over it (locked).
@@ -485,34 +480,34 @@ def make_config(vae: VAEInfo | None, var: VARInfo | None, scales: Sequence[int],
     ch_mult = tuple(vae.ch_mult) if vae is not None else tuple(tok.ch_mult)
     image_size = 2 ** (len(ch_mult) - 1) * scales[-1]
     if vae is not None:
-        _set(tok, ch=vae.ch, ch_mult=ch_mult, num_res_blocks=vae.num_res_blocks, z_channels=vae.z_channels,
+        set_fields(tok, ch=vae.ch, ch_mult=ch_mult, num_res_blocks=vae.num_res_blocks, z_channels=vae.z_channels,
              embed_dim=vae.z_channels, quant_conv_kernel=vae.quant_conv_kernel)
         phi = dict(phi_share=vae.phi_share(len(scales)), phi_ratio=tok.quantizer.phi_ratio if vae.phi_count else 0.0)
-        _set(tok.quantizer, codebook_size=vae.vocab_size, **phi)
+        set_fields(tok.quantizer, codebook_size=vae.vocab_size, **phi)
     else:
-        _set(tok, z_channels=var.vae_dim, embed_dim=var.vae_dim)
-        _set(tok.quantizer, codebook_size=var.vocab_size)
-    _set(tok, resolution=image_size, attn_resolutions=(scales[-1],))
-    _set(tok.quantizer, scales=scales)
-    _set(config.data, image_size=image_size, channels=vae.in_channels if vae is not None else 3)
+        set_fields(tok, z_channels=var.vae_dim, embed_dim=var.vae_dim)
+        set_fields(tok.quantizer, codebook_size=var.vocab_size)
+    set_fields(tok, resolution=image_size, attn_resolutions=(scales[-1],))
+    set_fields(tok.quantizer, scales=scales)
+    set_fields(config.data, image_size=image_size, channels=vae.in_channels if vae is not None else 3)
     if var is not None:
-        _set(config.data, num_classes=var.num_classes)
+        set_fields(config.data, num_classes=var.num_classes)
         gen = config.generator
-        _set(gen, depth=var.depth, shared_aln=var.shared_aln, attn_l2_norm=var.attn_l2_norm)
+        set_fields(gen, depth=var.depth, shared_aln=var.shared_aln, attn_l2_norm=var.attn_l2_norm)
         if var.width != 64 * var.depth:
-            _set(gen, width=var.width)
+            set_fields(gen, width=var.width)
         if var.num_heads != var.depth:
-            _set(gen, num_heads=var.num_heads)
+            set_fields(gen, num_heads=var.num_heads)
         if var.mlp_hidden != round(4.0 * var.width):
-            _set(gen, mlp_ratio=var.mlp_hidden / var.width)
+            set_fields(gen, mlp_ratio=var.mlp_hidden / var.width)
         if config.sample.top_k > var.vocab_size:  # VAR's top-k 900 is for 4096 codes
-            _set(config.sample, top_k=var.vocab_size)
+            set_fields(config.sample, top_k=var.vocab_size)
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"--dtype {dtype} is not a compute dtype vqgen runs; use float32 or bfloat16.")
-        _set(tok, dtype=dtype)
+        set_fields(tok, dtype=dtype)
         if var is not None:
-            _set(config.generator, dtype=dtype)
+            set_fields(config.generator, dtype=dtype)
     config.lock()
     return config
 

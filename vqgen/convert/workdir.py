@@ -209,6 +209,14 @@ def _some(keys: Sequence[str], limit: int = 4) -> str:
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
+def set_fields(section: Any, **values: Any) -> None:
+    """Sets ``values`` on a locked ``ml_collections.ConfigDict`` section (new keys allowed): how
+    every converter writes the sizes read from a file over its base config."""
+    with section.unlocked():
+        for key, value in values.items():
+            section[key] = value
+
+
 def oihw_to_hwio(weight: np.ndarray) -> np.ndarray:
     """A PyTorch conv weight ``[O, I, kh, kw]`` as a Flax kernel ``[kh, kw, I, O]``."""
     return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
