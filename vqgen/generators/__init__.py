@@ -1,6 +1,7 @@
 """vqgen.generators: the generator families and the protocol through which they plug in.
 
-A family is one module (``gpt.py``, ``maskgit.py``, ``magvit.py``, ``var.py``, ``mar.py``) listed in :data:`FAMILIES`
+A family is one module (``gpt.py``, ``gpt_factorized.py``, ``maskgit.py``, ``magvit.py``, ``var.py``,
+``mar.py``) listed in :data:`FAMILIES`
 under the name that ``config.generator.arch`` uses. Training, sampling, ahead-of-time compilation
 and the Python API reach a family only through these module-level names:
 
@@ -81,6 +82,7 @@ from types import ModuleType
 # config.generator.arch -> the module of the family.
 FAMILIES = {
     "gpt": "vqgen.generators.gpt",
+    "gpt_factorized": "vqgen.generators.gpt_factorized",
     "maskgit": "vqgen.generators.maskgit",
     "magvit": "vqgen.generators.magvit",
     "var": "vqgen.generators.var",
