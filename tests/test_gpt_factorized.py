@@ -262,3 +262,37 @@ def test_bad_inputs():
         fg.abstract_params(tiny(factorized_bits=(3, 2, 2)))
     with pytest.raises(ValueError, match="bit_order='big' is unknown"):
         fg.abstract_params(tiny(bit_order="big"))
+
+
+@pytest.mark.slow  # a conv tokenizer and the generator trained end to end (~1 min of CPU, as quickstart:lfq)
+def test_trains_and_samples_over_lfq_tokens(tmp_path):
+    """The factorised GPT as a zoo variant: the tiny quickstart:lfq tokenizer (4-bit LFQ in
+    Open-MAGVIT2's bit order, 16x16 tokens), then the generator over 2+2-bit sub-ids, then samples."""
+    import ml_collections
+    import tiny_config
+
+    import vqgen
+    from vqgen import config_lib
+    from vqgen.train import builders
+    from vqgen.train import run as run_lib
+
+    config = tiny_config.get_config("lfq")
+    with config.unlocked():
+        config.generator = ml_collections.ConfigDict(dict(
+            arch="gpt_factorized", width=32, depth=1, factorized_depth=1, num_heads=2, num_kv_heads=2,
+            factorized_bits=(2, 2), bit_order=config.tokenizer.quantizer.bit_order, class_dropout_prob=0.1,
+            token_dropout_prob=0.0, resid_dropout_prob=0.0, ffn_dropout_prob=0.0, dtype="float32"))
+        config.sample = config_lib.sample_config("gpt_factorized", per_class=2, batch_size=20, cfg_scale=1.5,
+                                                 post_cfg_scale=2.0, post_temperature=0.9)
+    assert builders.token_spec(config).vocab_size == 16
+    for mode in ("train_tokenizer", "train_generator", "sample"):
+        assert run_lib.run(config, str(tmp_path), mode) == 0
+    report = json.load(open(tmp_path / "report.json"))["generator"]
+    model = fg.build(dict(config.generator), vocab_size=16, num_classes=10, grid=(16, 16))
+    assert report["steps"] == 4 and report["params"] == fg.count_params(model)
+    gen = vqgen.load_generator(str(tmp_path))
+    tokens = np.asarray(gen.sample_tokens([3, 7], jax.random.key(0), post_top_k=1))
+    assert tokens.shape == (2, 16, 16) and tokens.min() >= 0 and tokens.max() < 16
+    with np.load(tmp_path / "samples" / "samples.npz") as f:
+        assert f["images"].shape == (20, 32, 32, 1) and f["images"].dtype == np.uint8
+        assert sorted(set(f["labels"].tolist())) == list(range(10))

@@ -63,7 +63,8 @@ def generator_section(variant: str, *, dtype: str = "bfloat16", **kw) -> ml_coll
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "B"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown Open-MAGVIT2 AR variant {variant!r}; use one of {VARIANTS}, e.g. open_magvit2_ar.py:B.")
+        raise ValueError(f"unknown Open-MAGVIT2 AR variant {variant!r}; use one of {VARIANTS}, e.g. "
+                         "open_magvit2_ar.py:B.")
     tok = config_lib.load_config("tokenizers/open_magvit2")
     with tok.tokenizer.quantizer.unlocked():
         tok.tokenizer.quantizer.bit_order = "lsb"  # Open-MAGVIT2's own ids, which the released AR models read

@@ -466,8 +466,8 @@ def main(argv: Sequence[str] | None = None) -> Converted:
     from vqgen.train import builders
 
     grid = "x".join(map(str, builders.token_spec(cfg).grid))
-    print(f"wrote {args.out}: generator ({info.name}: {info.depth} spatial + {info.factorized_depth} factorised layers, "
-          f"width {info.width}, {info.num_heads} heads, sub-ids of {info.factorized_bits[0]}+{info.factorized_bits[1]} "
+    print(f"wrote {args.out}: generator ({info.name}: {info.depth} spatial + {info.factorized_depth} factorised "
+          f"layers, width {info.width}, {info.num_heads} heads, sub-ids of {info.factorized_bits[0]}+{info.factorized_bits[1]} "
           f"bits, {info.num_classes} classes, {'EMA' if converted.ema else 'raw'} weights) and tokenizer "
           f"({converted.tokenizer.description}) for {cfg.data.image_size}px images ({grid} tokens), config "
           f"{converted.config_name} with the sizes of the files")

@@ -393,11 +393,13 @@ def _check_sample_args(model: FactorizedGPT, labels: Any, opts: SamplerOptions) 
         raise ValueError(f"opts must be a gpt_factorized.SamplerOptions, got {type(opts).__name__}; build one with "
                          "SamplerOptions(...).")
     if np.ndim(labels) != 1:
-        raise ValueError(f"labels must be a 1-D array of class ids [B], got shape {np.shape(labels)}; pass one id per sample.")
+        raise ValueError(f"labels must be a 1-D array of class ids [B], got shape {np.shape(labels)}; pass one id "
+                         "per sample.")
     if opts.uses_cfg and model.class_dropout_prob <= 0:
         raise ValueError(
             f"CFG scales {opts.sub(0)[3]}/{opts.sub(1)[3]} need the null class, but this model was built with "
-            "class_dropout_prob=0; sample with cfg_scale=1.0 and post_cfg_scale=1.0 or use a model with the null class.")
+            "class_dropout_prob=0; sample with cfg_scale=1.0 and post_cfg_scale=1.0 or use a model with the null "
+            "class.")
     if not isinstance(labels, jax.core.Tracer):
         lab = np.asarray(labels)
         if not np.issubdtype(lab.dtype, np.integer):
@@ -489,7 +491,8 @@ def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]
     if "factorized_bits" in kw:
         kw["factorized_bits"] = tuple(int(b) for b in kw["factorized_bits"])
     if len(grid) != 2:
-        raise ValueError(f"the factorised GPT models a 2D token grid, got grid {tuple(grid)}; use a 2D image tokenizer.")
+        raise ValueError(f"the factorised GPT models a 2D token grid, got grid {tuple(grid)}; use a 2D image "
+                         "tokenizer.")
     model = FactorizedGPT(num_classes=num_classes, grid=tuple(int(g) for g in grid), **kw)
     if vocab_size != model.vocab_size:
         raise ValueError(
