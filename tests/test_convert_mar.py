@@ -205,7 +205,9 @@ def test_mar_sampler_iterations_match(mar_fx, run, monkeypatch):
     params = jax.tree.map(jnp.asarray, convert_mar.convert_mar(state, info))
     c = model.token_dim
 
-    def stand_in(head, params, z, rng, *, num_steps, temperature, cfg_scale=1.0, z_uncond=None):
+    def stand_in(head, params, z, rng, *, num_steps, temperature, cfg_scale=1.0, z_uncond=None,
+                 noise_schedule="cosine"):
+        assert noise_schedule == model.noise_schedule
         if z_uncond is None:
             return z[:, :c] + temperature
         return z[:, :c] + cfg_scale * (z[:, c:2 * c] - z_uncond[:, c:2 * c]) + temperature

@@ -54,6 +54,24 @@ def test_respacing_keeps_mar_steps_and_alpha_bar():
     assert dl.schedule(1).num_steps == 1 and dl.schedule(1000).timesteps.tolist() == list(range(1000))
 
 
+def test_linear_schedule_and_the_first_step_gain():
+    """DDPM's linear betas (1e-4 to 0.02 over 1,000 steps); respacing keeps its alpha_bar; the
+    first respaced step's gain on the noise error (posterior_mean_coef1 * sqrt(1/ab - 1)) is what
+    the MAR docstring states for both schedules; an unknown schedule is one sentence."""
+    s = dl.schedule(None, 1000, "linear")
+    np.testing.assert_allclose(s.betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-12)
+    np.testing.assert_allclose(s.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), rtol=1e-10)
+    np.testing.assert_allclose(dl.linear_betas(500), np.linspace(2e-4, 0.04, 500), rtol=1e-12)
+    r = dl.schedule(100, 1000, "linear")
+    np.testing.assert_allclose(r.alphas_cumprod, s.alphas_cumprod[r.timesteps], rtol=1e-10)
+    gain = lambda sc: sc.posterior_mean_coef1[-1] * sc.sqrt_recipm1_alphas_cumprod[-1]  # noqa: E731
+    assert round(gain(dl.schedule(100)), 0) == 316 and round(gain(dl.schedule(50)), 0) == 632
+    assert round(gain(r), 2) == 0.20 and round(gain(dl.schedule(50, 1000, "linear")), 2) == 0.40
+    with pytest.raises(ValueError, match=re.escape("noise_schedule='sqrt' is unknown; use one of ['cosine', "
+                                                   "'linear'] ('cosine' is MAR's).")):
+        dl.schedule(100, 1000, "sqrt")
+
+
 def test_forward_noising_equals_the_closed_form():
     """q_sample = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps exactly, and running the one-step chain
     x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t gives that distribution (Monte Carlo)."""

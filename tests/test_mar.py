@@ -341,8 +341,27 @@ def test_build_from_config_section():
     assert model.diffloss_depth == 6 and model.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"unknown MAR config keys \['depth'\]"):
         mar.build({"depth": 3}, num_classes=10, grid=(8, 8), latent_dim=16)
+    assert mar.build({}, num_classes=10, grid=(8, 8), latent_dim=16).noise_schedule == "cosine"
+    assert mar.build({"noise_schedule": "linear"}, num_classes=10, grid=(8, 8), latent_dim=16).noise_schedule == "linear"
+    with pytest.raises(ValueError, match=re.escape("noise_schedule='sqrt' is unknown; use one of ['cosine', 'linear']")):
+        mar.build({"noise_schedule": "sqrt"}, num_classes=10, grid=(8, 8), latent_dim=16)
     with pytest.raises(ValueError, match="patch_size=3 does not divide the tokenizer's latent grid"):
         mar.build({"patch_size": 3}, num_classes=10, grid=(8, 8), latent_dim=16)
     with pytest.raises(ValueError, match="do not make the model's"):
         mar.loss_fn(tiny(), random_params(tiny()), {"latents": jnp.zeros((1, 8, 8, D)), "label": jnp.zeros(1, int)},
                     jax.random.key(0))
+
+
+def test_noise_schedule_reaches_the_loss_and_the_sampler():
+    """The model's noise_schedule is the one its loss noises with and its sampler denoises with."""
+    cos, lin = tiny(), tiny(noise_schedule="linear")
+    params = random_params(cos)
+    batch = {"latents": jax.random.normal(jax.random.key(1), (2, *cos.latent_shape)), "label": jnp.array([0, 1])}
+    l_cos = mar.loss_fn(cos, params, batch, jax.random.key(2))[0]
+    l_lin = mar.loss_fn(lin, params, batch, jax.random.key(2))[0]
+    assert np.isfinite(float(l_lin)) and abs(float(l_cos) - float(l_lin)) > 1e-4
+    opts = mar.SamplerOptions(num_iter=2, diffusion_steps=5)
+    key, labels = jax.random.key(3), jnp.array([0, 1])
+    s_lin = mar.sample(lin, params, labels, key, opts)
+    assert s_lin.shape == (2, *lin.latent_shape)
+    assert float(jnp.max(jnp.abs(s_lin - mar.sample(cos, params, labels, key, opts)))) > 1e-4

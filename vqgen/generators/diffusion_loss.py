@@ -89,6 +89,26 @@ def cosine_betas(num_steps: int = NUM_TRAIN_STEPS, max_beta: float = MAX_BETA) -
                        for i in range(num_steps)], np.float64)
 
 
+def linear_betas(num_steps: int = NUM_TRAIN_STEPS) -> np.ndarray:
+    """DDPM's linear schedule (guided-diffusion's ``"linear"``): ``num_steps`` float64 betas evenly
+    from ``1e-4`` to ``0.02``, both scaled by ``1000 / num_steps``."""
+    check_steps(num_steps, "num_train_steps")
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+
+
+# noise_schedule -> its betas over the training steps; "cosine" is MAR's.
+NOISE_SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+
+
+def check_noise_schedule(noise_schedule: Any) -> str:
+    """``noise_schedule`` if it names a schedule of :data:`NOISE_SCHEDULES`; else one ``ValueError`` sentence."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise_schedule={noise_schedule!r} is unknown; use one of {sorted(NOISE_SCHEDULES)} "
+                         "('cosine' is MAR's).")
+    return noise_schedule
+
+
 def check_steps(num_steps: Any, name: str = "diffusion_steps") -> int:
     """``num_steps`` as an int; raises one ``ValueError`` sentence when it is not a positive integer."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or int(num_steps) < 1:
@@ -184,13 +204,16 @@ def _tables(betas: np.ndarray, timesteps: np.ndarray) -> Schedule:
 
 
 @functools.lru_cache(maxsize=32)
-def schedule(num_steps: int | None = None, num_train_steps: int = NUM_TRAIN_STEPS) -> Schedule:
-    """The cosine diffusion of ``num_train_steps`` steps, respaced to ``num_steps`` (None: all of them).
+def schedule(num_steps: int | None = None, num_train_steps: int = NUM_TRAIN_STEPS,
+             noise_schedule: str = "cosine") -> Schedule:
+    """The diffusion of ``num_train_steps`` steps under ``noise_schedule`` (MAR's ``"cosine"`` or
+    DDPM's ``"linear"``), respaced to ``num_steps`` (None: all of them).
 
-    Raises ``ValueError`` (one sentence) for a step count below 1 or above ``num_train_steps``.
+    Raises ``ValueError`` (one sentence) for a step count below 1 or above ``num_train_steps``, or
+    an unknown schedule.
     """
     num_train_steps = check_steps(num_train_steps, "num_train_steps")
-    betas = cosine_betas(num_train_steps)
+    betas = NOISE_SCHEDULES[check_noise_schedule(noise_schedule)](num_train_steps)
     if num_steps is None:
         keep = list(range(num_train_steps))
     else:
@@ -454,9 +477,10 @@ def diffusion_batch_mul(mul: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def loss_terms(head: DiffusionHead, params: Any, target: jax.Array, z: jax.Array, t: jax.Array,
-               noise: jax.Array, num_train_steps: int = NUM_TRAIN_STEPS) -> dict[str, jax.Array]:
+               noise: jax.Array, num_train_steps: int = NUM_TRAIN_STEPS,
+               noise_schedule: str = "cosine") -> dict[str, jax.Array]:
     """Per-row loss terms (:func:`training_losses`) at given timesteps ``t [N]`` and ``noise [N, C]``."""
-    sched = schedule(None, num_train_steps)
+    sched = schedule(None, num_train_steps, noise_schedule)
     target = target.astype(jnp.float32)
     xt = q_sample(sched, target, t, noise.astype(jnp.float32))  # [N, C]
     out = head.apply({"params": params}, xt, t, z)  # [N, 2C]
@@ -465,7 +489,8 @@ def loss_terms(head: DiffusionHead, params: Any, target: jax.Array, z: jax.Array
 
 def diffusion_loss(head: DiffusionHead, params: Any, target: jax.Array, z: jax.Array, rng: jax.Array,
                    mask: jax.Array | None = None, batch_mul: int = 1,
-                   num_train_steps: int = NUM_TRAIN_STEPS) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   num_train_steps: int = NUM_TRAIN_STEPS,
+                   noise_schedule: str = "cosine") -> tuple[jax.Array, dict[str, jax.Array]]:
     """MAR's ``DiffLoss.forward``: the diffusion loss of tokens ``target [N, C]`` given ``z [N, Cz]``.
 
     Rows are tiled ``batch_mul`` times (:func:`diffusion_batch_mul`); each row draws a timestep
@@ -479,7 +504,7 @@ def diffusion_loss(head: DiffusionHead, params: Any, target: jax.Array, z: jax.A
     t_key, n_key = jax.random.split(rng)
     t = jax.random.randint(t_key, target.shape[:1], 0, num_train_steps)  # [N']
     noise = jax.random.normal(n_key, target.shape, jnp.float32)  # [N', C]
-    terms = loss_terms(head, params, target, z, t, noise, num_train_steps)
+    terms = loss_terms(head, params, target, z, t, noise, num_train_steps, noise_schedule)
     denom = jnp.maximum(jnp.sum(mask), 1.0)
     mean = lambda v: jnp.sum(v * mask) / denom  # noqa: E731
     loss = mean(terms["loss"])
@@ -513,7 +538,7 @@ def p_sample_loop(head: DiffusionHead, params: Any, z: jax.Array, rng: jax.Array
                   num_steps: int = DEFAULT_SAMPLING_STEPS, temperature: float | jax.Array = 1.0,
                   cfg_scale: float | jax.Array = 1.0, z_uncond: jax.Array | None = None,
                   noise: jax.Array | None = None, step_noise: jax.Array | None = None,
-                  num_train_steps: int = NUM_TRAIN_STEPS) -> jax.Array:
+                  num_train_steps: int = NUM_TRAIN_STEPS, noise_schedule: str = "cosine") -> jax.Array:
     """Tokens ``[N, C]`` float32 drawn by the respaced DDPM sampler given conditions ``z [N, Cz]``.
 
     One ``lax.fori_loop`` over the ``num_steps`` kept steps, from ``i = num_steps - 1`` down to 0;
@@ -523,7 +548,7 @@ def p_sample_loop(head: DiffusionHead, params: Any, z: jax.Array, rng: jax.Array
     prediction is guided, ``eps_u + cfg_scale * (eps_c - eps_u)`` (``cfg_scale`` may be traced).
     ``num_steps`` is static; zero or negative is a ``ValueError`` naming the fix.
     """
-    sched = schedule(check_steps(num_steps), num_train_steps)
+    sched = schedule(check_steps(num_steps), num_train_steps, noise_schedule)
     n, c = z.shape[0], head.in_channels
     init_key, loop_key = jax.random.split(rng)
     x = jax.random.normal(init_key, (n, c), jnp.float32) if noise is None else noise.astype(jnp.float32)
@@ -539,4 +564,4 @@ def p_sample_loop(head: DiffusionHead, params: Any, z: jax.Array, rng: jax.Array
     return jax.lax.fori_loop(0, sched.num_steps, body, x)
 
 
-sample_jit = jax.jit(p_sample_loop, static_argnames=("head", "num_steps", "num_train_steps"))
+sample_jit = jax.jit(p_sample_loop, static_argnames=("head", "num_steps", "num_train_steps", "noise_schedule"))
