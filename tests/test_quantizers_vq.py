@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vqgen import parallel
 from vqgen.quantizers.ibq import IndexBackpropQuantizer
-from vqgen.quantizers.vq import VectorQuantizer
+from vqgen.quantizers.vq import VectorQuantizer, _score_operands, _scores_are_safe, code_scores, l2_normalize, nearest_code_index, squared_distances
 
 K, D = 16, 8
 
@@ -239,7 +239,7 @@ def test_wrong_input_dimension_raises():
         ibq.apply(variables, _z((2, 5)))
 
 
-@pytest.mark.parametrize("name", ["vq_ema_restart_entropy", "ibq"])
+@pytest.mark.parametrize("name", ["vq_ema_restart_entropy", "ibq", "vq", "vq_factorised_cosine"])
 def test_sharded_batch_matches_single_device(name):
     q = FACTORIES[name]()
     z = _z((8, 4, 4, D))
@@ -265,3 +265,102 @@ def test_sharded_batch_matches_single_device(name):
     chex.assert_trees_all_close(got_out.metrics, exp_out.metrics, rtol=1e-5, atol=1e-6)
     if mutable:
         chex.assert_trees_all_close(nn.meta.unbox(got[1]), nn.meta.unbox(expected[1]), rtol=1e-5, atol=1e-6)
+
+
+def _tied_search_inputs(n, k, d, block, seed, cosine):
+    """Random rows and codes with exact ties: duplicated codes inside one block and across blocks,
+    rows equal to a duplicated code, and a cluster of rows that all pick one block."""
+    rng = np.random.RandomState(seed)
+    codes = rng.randn(k, d).astype(np.float32)
+    dup_pairs = [(1, 2), (3, block + 5), (7, k - 1), (block - 1, block)]  # same block, across blocks, last code
+    for a, b in dup_pairs:
+        codes[b] = codes[a]
+    x = rng.randn(n, d).astype(np.float32)
+    for i, (a, _) in enumerate(dup_pairs):
+        x[i] = codes[a]  # the nearest code is tied: the first copy must win
+    x[len(dup_pairs):len(dup_pairs) + n // 2] = codes[block + 5] + 1e-3 * rng.randn(n // 2, d)  # one block, many rows
+    x, codes = jnp.asarray(x), jnp.asarray(codes)
+    if cosine:
+        x, codes = l2_normalize(x), l2_normalize(codes)
+    return x, codes
+
+
+@pytest.mark.parametrize("n,k,d,block", [(300, 1000, 8, 128), (200, 512, 8, 128), (150, 700, 3, 256), (130, 333, 96, 64)])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_blocked_search_equals_full_search(n, k, d, block, cosine):
+    x, codes = _tied_search_inputs(n, k, d, block, seed=n + k, cosine=cosine)
+    search = jax.jit(nearest_code_index, static_argnames="block_size")
+    got = np.asarray(search(x, codes, block_size=block))
+    full = np.asarray(jnp.argmax(code_scores(x, codes), axis=-1))
+    np.testing.assert_array_equal(got, full)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got[:4], [1, 3, 7, block - 1])  # ties go to the first index
+    # The same codes as the distance matrix gives (on these inputs no two distances are within rounding).
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmin(squared_distances(x, codes), axis=-1)))
+    # Any block size gives the same answer, one block included.
+    for other in (1, 7, k):
+        np.testing.assert_array_equal(np.asarray(search(x, codes, block_size=other)), full)
+
+
+def test_blocked_search_non_finite_inputs_follow_argmax():
+    rng = np.random.RandomState(0)
+    x = rng.randn(40, 8).astype(np.float32)
+    codes = rng.randn(300, 8).astype(np.float32)
+    x[3, 1] = np.nan  # this row's scores are all NaN: index 0
+    x[5, 2] = np.inf  # inf scores, and NaN where a code's entry is 0 or of the other sign
+    codes[200, 4] = np.nan  # a NaN code wins every other row
+    codes[10] = 3e19  # a score too large for float32 sums
+    x, codes = jnp.asarray(x), jnp.asarray(codes)
+    got = jax.jit(nearest_code_index, static_argnames="block_size")(x, codes, block_size=64)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(code_scores(x, codes), axis=-1)))
+    assert int(got[3]) == 0 and int(got[0]) == 200
+    huge = jnp.asarray(rng.randn(40, 8).astype(np.float32)) * 1e19  # finite but may overflow: the careful scan
+    got = jax.jit(nearest_code_index)(huge, codes.at[200, 4].set(0.0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(code_scores(huge, codes.at[200, 4].set(0.0)), -1)))
+
+
+@pytest.mark.parametrize("d", [8, 96])
+def test_blocked_search_takes_the_fast_path_only_on_safe_inputs(d):
+    x = jax.random.normal(jax.random.key(0), (64, d)) * 100.0
+    codes = jax.random.normal(jax.random.key(1), (50, d)) * 100.0
+    assert bool(_scores_are_safe(*_score_operands(x, codes)))
+    assert bool(_scores_are_safe(*_score_operands(l2_normalize(x), l2_normalize(codes))))
+    for bad in (x.at[0, 0].set(jnp.nan), x.at[1, 1].set(-jnp.inf), x * 1e34):
+        assert not bool(_scores_are_safe(*_score_operands(bad, codes)))
+    assert not bool(_scores_are_safe(*_score_operands(x, codes.at[3, 0].set(jnp.nan))))
+
+
+def test_blocked_search_rejects_bad_block_size():
+    with pytest.raises(ValueError, match="block_size=0"):
+        nearest_code_index(jnp.zeros((2, 3)), jnp.zeros((4, 3)), block_size=0)
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_vq_loss_and_gradients_equal_full_distance_lookup(l2):
+    """The blocked lookup changes nothing downstream: loss, metrics and both gradients equal those
+    of a lookup through the full distance matrix (argmin of squared_distances)."""
+    k, d = 700, 8
+    q = VectorQuantizer(k, l2_normalize=l2, beta=0.3)
+    z = _z((4, 8, 8, d), seed=4)
+    w = jax.random.normal(jax.random.key(8), z.shape)
+    params = nn.meta.unbox(jax.jit(q.init)(jax.random.key(0), z))["params"]
+
+    def reference(p, x):
+        codebook = l2_normalize(p["codebook"]) if l2 else p["codebook"]
+        flat = (l2_normalize(x) if l2 else x).reshape(-1, d)
+        idx = jnp.argmin(squared_distances(flat, codebook), axis=-1)
+        codes = jnp.take(codebook, idx, axis=0)
+        loss = jnp.mean(jnp.square(jax.lax.stop_gradient(flat) - codes)) + 0.3 * jnp.mean(
+            jnp.square(flat - jax.lax.stop_gradient(codes)))
+        quantized = (flat + jax.lax.stop_gradient(codes - flat)).reshape(x.shape)
+        return loss + jnp.sum(quantized * w), idx
+
+    def module(p, x):
+        out = q.apply({"params": p}, x, train=True)
+        return out.loss + jnp.sum(out.quantized * w), out.indices.reshape(-1)
+
+    (v_ref, idx_ref), g_ref = jax.jit(jax.value_and_grad(reference, argnums=(0, 1), has_aux=True))(params, z)
+    (v_mod, idx_mod), g_mod = jax.jit(jax.value_and_grad(module, argnums=(0, 1), has_aux=True))(params, z)
+    np.testing.assert_array_equal(np.asarray(idx_mod), np.asarray(idx_ref))
+    np.testing.assert_allclose(float(v_mod), float(v_ref), rtol=1e-6)
+    chex.assert_trees_all_close(g_mod, g_ref, rtol=1e-6, atol=1e-7)

@@ -14,7 +14,8 @@ gradient straight through. Options cover the variants in use:
 * ``entropy_loss_weight > 0``: the MAGVIT-style entropy penalty over ``softmax(-dist / tau)``.
 
 The helpers :func:`squared_distances` and :func:`nearest_code` are shared with the other
-codebook quantizers.
+codebook quantizers. :func:`nearest_code_index` is the lookup of the common path: the same
+nearest code, found block by block without forming the ``[N, K]`` distance matrix.
 """
 from __future__ import annotations
 
@@ -59,6 +60,156 @@ def nearest_code(x: jax.Array, codebook: jax.Array, cosine: bool = False) -> tup
     return jnp.argmin(dist, axis=-1).astype(jnp.int32), dist
 
 
+LOOKUP_BLOCK = 512  # codes per block of nearest_code_index's search
+_AUGMENT_MAX_WIDTH = 64  # below this width the score's code term rides in the product (see _score_operands)
+_SAFE_BOUND = 2.0**125  # a bound on |partial sums| below which no score can overflow
+
+
+def _score_operands(x: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Operands of ``x_n·c_k - ||c_k||²/2`` as ``rows @ codes.T (+ bias)``, all float32.
+
+    For narrow codes the bias is an extra column (a 1 in ``rows``, ``-||c||²/2`` in ``codes``),
+    which costs nothing beside the product; for wide codes it is added after the product, since a
+    width one past a round number slows the product down. Returns ``(rows, codes, bias or None)``.
+    """
+    x = x.astype(jnp.float32)
+    codebook = codebook.astype(jnp.float32)
+    bias = -0.5 * jnp.sum(codebook * codebook, axis=-1)  # [K]
+    if codebook.shape[-1] < _AUGMENT_MAX_WIDTH:
+        rows = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), jnp.float32)], axis=-1)  # [N, d+1]
+        return rows, jnp.concatenate([codebook, bias[:, None]], axis=-1), None  # [K, d+1]
+    return x, codebook, bias
+
+
+def _scores(rows: jax.Array, codes: jax.Array, bias: jax.Array | None) -> jax.Array:
+    s = jnp.dot(rows, codes.T, precision=jax.lax.Precision.HIGHEST)  # [n, k]
+    return s if bias is None else s + bias[None]
+
+
+def code_scores(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """``x_n·c_k - ||c_k||²/2`` in float32 for ``x`` ``[N, d]``, ``codebook`` ``[K, d]`` -> ``[N, K]``.
+
+    ``||x_n - c_k||² = ||x_n||² - 2 * score``, so the nearest code is the score's argmax.
+    """
+    return _scores(*_score_operands(x, codebook))
+
+
+def _first_argmax(s: jax.Array) -> jax.Array:
+    """Row-wise first index of the maximum of a finite ``s`` ``[n, k]`` (two plain reductions)."""
+    k = s.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1)
+    return jnp.min(jnp.where(s == jnp.max(s, axis=-1, keepdims=True), iota, k), axis=-1)
+
+
+def nearest_code_index(x: jax.Array, codebook: jax.Array, block_size: int = LOOKUP_BLOCK) -> jax.Array:
+    """``argmax_k code_scores(x, codebook)`` (first index on ties) without forming ``[N, K]``.
+
+    The nearest code of each row of ``x`` ``[N, d]`` among ``codebook`` ``[K, d]``, as ``int32``
+    ``[N]``; equal to ``jnp.argmax(code_scores(x, codebook), -1)``, NaN handling included.
+    Not differentiable (its inputs are wrapped in ``stop_gradient``).
+
+    Two passes, each cheap where a full ``[N, K]`` matrix is not:
+
+    1. A scan over blocks of ``block_size`` codes keeps each row's running maximum score and the
+       first block that reaches it. Each block's product feeds one max-reduction, which XLA's CPU
+       backend fuses with the product, so the block's scores are never written out.
+    2. Rows sorted by their winning block are taken in chunks of rows that share a block; each
+       chunk recomputes that one block's scores and takes its first argmax. At most
+       ``(blocks + N / chunk)`` small products, about ``N * block_size`` scores in all.
+
+    Both passes compute a score with the same sequence of multiply-adds as the full product
+    does on XLA's CPU backend, so the result is the full search's, ties included (tested). On a
+    backend whose products round differently with their shape, a result can differ from the
+    full search only between codes whose scores are equal to within rounding; pass 2 returns the
+    argmax of its own scores, so every result is a nearest code. The codebook is padded to
+    whole blocks with copies of its last code, which tie with it and lose. Non-finite inputs, or inputs so large that a score could overflow, go to a slower
+    scan that takes each block's ``jnp.argmax`` instead, so NaNs are handled as ``jnp.argmax``
+    does (the first NaN wins).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be a positive number of codes; {LOOKUP_BLOCK} is the default.")
+    x = jax.lax.stop_gradient(x)
+    codebook = jax.lax.stop_gradient(codebook)
+    n, K = x.shape[0], codebook.shape[0]
+    rows, codes, bias = _score_operands(x, codebook)
+    kb = min(block_size, K)
+    nb = -(-K // kb)
+    if nb * kb != K:  # whole blocks: copies of the last code
+        codes = jnp.concatenate([codes, jnp.broadcast_to(codes[-1:], (nb * kb - K, codes.shape[-1]))])
+        if bias is not None:
+            bias = jnp.concatenate([bias, jnp.broadcast_to(bias[-1:], (nb * kb - K,))])
+    code_blocks = codes.reshape(nb, kb, codes.shape[-1])  # [nb, kb, w]
+    bias_blocks = None if bias is None else bias.reshape(nb, kb)
+    block_ids = jnp.arange(nb, dtype=jnp.int32)
+
+    def scan_blocks(block_fn):
+        def body(carry, blk):
+            cblk, b = blk[0], blk[-1]
+            s = _scores(rows, cblk, None if bias is None else blk[1])  # [n, kb]
+            return block_fn(carry, s, b), None
+
+        init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32))
+        xs = (code_blocks, block_ids) if bias is None else (code_blocks, bias_blocks, block_ids)
+        return jax.lax.scan(body, init, xs)[0]
+
+    def two_pass():
+        def best_block(carry, s, b):
+            best, which = carry
+            m = jnp.max(s, axis=-1)  # [n]
+            take = m > best  # strict: the first block reaching the maximum keeps it
+            return jnp.where(take, m, best), jnp.where(take, b, which)
+
+        _, which = scan_blocks(best_block)  # [n]
+        chunk = min(512, max(64, _next_pow2(-(-n // 32))))  # rows per product of pass 2
+        order = jnp.argsort(which, stable=True)  # rows grouped by winning block
+        which_s = jnp.concatenate([which[order], jnp.full((chunk,), -1, jnp.int32)])  # [n + chunk]
+        rows_s = jnp.concatenate([rows[order], jnp.zeros((chunk, rows.shape[-1]), jnp.float32)])
+
+        def step(state):
+            pos, out = state
+            b = which_s[pos]
+            part = jax.lax.dynamic_slice_in_dim(rows_s, pos, chunk)  # [chunk, w]
+            s = _scores(part, code_blocks[b], None if bias is None else bias_blocks[b])  # [chunk, kb]
+            found = _first_argmax(s) + b * kb
+            valid = jax.lax.dynamic_slice_in_dim(which_s, pos, chunk) == b  # a prefix of the chunk
+            old = jax.lax.dynamic_slice_in_dim(out, pos, chunk)
+            out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(valid, found, old), pos, 0)
+            return pos + jnp.sum(valid.astype(jnp.int32)), out
+
+        init = (jnp.zeros((), jnp.int32), jnp.zeros((n + chunk,), jnp.int32))
+        _, out = jax.lax.while_loop(lambda st: st[0] < n, step, init)
+        return jnp.zeros((n,), jnp.int32).at[order].set(out[:n])
+
+    def nan_aware():
+        def merge(carry, s, b):
+            best, idx = carry
+            i = jnp.argmax(s, axis=-1).astype(jnp.int32)  # [n]; first NaN, else first maximum
+            v = jnp.take_along_axis(s, i[:, None], axis=-1)[:, 0]
+            take = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
+            return jnp.where(take, v, best), jnp.where(take, i + b * kb, idx)
+
+        return scan_blocks(merge)[1]
+
+    idx = jax.lax.cond(_scores_are_safe(rows, codes, bias), two_pass, nan_aware)
+    return jnp.minimum(idx, K - 1)  # a padding copy can only stand for the last code
+
+
+def _scores_are_safe(rows: jax.Array, codes: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """True when every score and partial sum is finite: no NaN or inf input, and
+    ``sum_j max|rows_j| max|codes_j| (+ max|bias|)``, a bound on them all, far from overflow."""
+    finite = jnp.all(jnp.isfinite(rows)) & jnp.all(jnp.isfinite(codes))  # (max-reductions may skip NaN)
+    bound = jnp.sum(jnp.max(jnp.abs(rows), axis=0, initial=0.0) * jnp.max(jnp.abs(codes), axis=0))
+    if bias is not None:
+        finite = finite & jnp.all(jnp.isfinite(bias))
+        bound = bound + jnp.max(jnp.abs(bias))
+    return finite & (bound < _SAFE_BOUND)
+
+
+def _next_pow2(v: int) -> int:
+    """Smallest power of two >= ``max(v, 1)``."""
+    return 1 << (max(1, v) - 1).bit_length()
+
+
 def entropy_terms(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-sample entropy (mean over rows) and codebook entropy of ``softmax(logits)`` ``[N, K]``."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [N, K]
@@ -91,6 +242,9 @@ class VectorQuantizer(nn.Module):
         ``codebook_delta`` ``[K, d]`` that dead-code restarts write into (the codebook used is
         ``params/codebook + codebook_delta``, so restarted codes keep training by gradient); and
         a ``step`` counter.
+
+    The lookup is :func:`nearest_code_index`, which never forms the ``[N, K]`` distance matrix;
+    only the entropy penalty, which needs every distance, uses :func:`squared_distances`.
 
     State is updated only when ``train=True`` and ``'quantizer_state'`` is mutable. Lookups use
     the codebook as it was before the update. With ``use_ema`` the codebook gets no gradient, so
@@ -293,8 +447,11 @@ class VectorQuantizer(nn.Module):
         # ---- quantize -------------------------------------------------------------------
         z_low = to_lookup_space(z)  # [..., d] float32
         flat = z_low.reshape(-1, d)  # [N, d]
-        dist = squared_distances(flat, codebook)  # [N, K]
-        idx = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # [N]
+        if self.entropy_loss_weight > 0:  # the penalty needs every distance
+            dist = squared_distances(flat, codebook)  # [N, K]
+            idx = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # [N]
+        else:  # blocked search: no [N, K] array
+            idx = nearest_code_index(flat, codebook)  # [N]
         codes = jnp.take(codebook, idx, axis=0)  # [N, d]
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(flat) - codes))
         commitment_loss = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(codes)))
