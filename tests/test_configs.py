@@ -286,12 +286,16 @@ def _tiny(name: str):
 @pytest.mark.parametrize("config_name,target", [
     ("gpt", "tokenizer"), ("gpt", "generator"), ("maskgit", "generator"), ("video", "tokenizer"),
     ("video", "generator"), ("var", "tokenizer"), ("var", "generator"), ("mar", "tokenizer"), ("mar", "generator"),
+    ("fractal", "generator"), ("vit_vqgan", "tokenizer"), ("titok", "tokenizer"), ("titok_proxy", "tokenizer"),
+    ("ibq", "tokenizer"),
 ])
 def test_aot_compile_every_family_on_a_2x4_cpu_mesh(config_name, target):
     """Each family's train step compiles on a 2x4 mesh from abstract inputs alone: the conv
     tokenizer, the GPT, MaskGIT, MAGVIT's 3D tokenizer and video transformer (its token
-    grid is (t, h, w), from the same token spec the trainer uses), and VAR's multi-scale
-    tokenizer and next-scale transformer (with the quantizer's parameters as a frozen input)."""
+    grid is (t, h, w), from the same token spec the trainer uses), VAR's multi-scale
+    tokenizer and next-scale transformer (with the quantizer's parameters as a frozen input),
+    MAR's KL-VAE and diffusion-loss transformer, FractalMAR on pixels (no tokenizer), and the
+    zoo tokenizers: ViT-VQGAN, TiTok with the pixel and the two-stage proxy-code head, IBQ."""
     import jax
 
     aot = _aot_module()
