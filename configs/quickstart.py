@@ -21,9 +21,10 @@ under the GPT; ``:titok`` is TiTok's 1D tokenizer (``configs/tokenizers/titok.py
 ``configs/tokenizers/kl16.py``: 32x32 digits -> 8x8 latents of 4 channels, L1 + PatchGAN) and a
 small MAR (encoder and decoder of 2 blocks of width 128, 8 buffer tokens, a diffusion head of 2
 blocks of width 128) over 2x2 patches of its latents (16 tokens of 16 channels: MAR's
-``patch_size=2``, which keeps a CPU step cheap), 600 steps of batch 64 with each token's
-diffusion loss drawn at 2 timesteps (MAR: 4), sampled in 8 iterations of 50 diffusion steps
-(MAR: 100) with MAR's linear CFG ramp to 3.
+``patch_size=2``, which keeps a CPU step cheap), 3,000 steps of batch 64 with each token's
+diffusion loss drawn at 2 timesteps (MAR: 4) under DDPM's linear noise schedule (MAR: cosine,
+whose first sampling step needs a head trained far longer; see ``vqgen/generators/mar.py``),
+sampled in 8 iterations of 50 diffusion steps (MAR: 100) with MAR's linear CFG ramp to 3.
 
 ``configs/quickstart.py:fractal`` is FractalMAR straight on the pixels (no tokenizer): levels 32 ->
 4 -> 1 (a MAR level of 3 blocks of width 128 over the 8x8 patches of 4x4 pixels, a MAR level of 2
@@ -113,7 +114,7 @@ def _mar_config() -> ml_collections.ConfigDict:
         # (see vqgen/generators/mar.py); measured: cosine 34% judge accuracy after 3,000 steps.
         noise_schedule="linear"))
     c.generator_train = config_lib.generator_train_config(
-        "mar", num_steps=600, batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
+        "mar", num_steps=3000, batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1,
         weight_decay=0.02, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.999, log_every=100, save_every=500)
     c.sample = config_lib.sample_config("mar", num_iter=8, diffusion_steps=50, temperature=1.0, cfg_scale=3.0,
                                         cfg_schedule="linear")
