@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from vqgen.generators import sampling
+from vqgen.modules import weight_quant
 from vqgen.modules.attention import Cache, TransformerBlock
 from vqgen.modules.attention import init_cache as init_layer_cache
 from vqgen.modules.layers import DEFAULT_INIT_STD, RMSNorm, f32_dot_general
@@ -286,6 +287,9 @@ def loss_fn(model: GPT, params: Any, batch: dict[str, jax.Array], rng: jax.Array
     ``rng`` drives class dropout, token dropout and residual/FFN dropout when ``train``.
     Returns ``(loss, {'loss', 'accuracy'})``.
     """
+    if weight_quant.has_decode_kernels(params):
+        raise ValueError("loss_fn got decode weights (made by decode_params for sampling); train and evaluate the loss "
+                         "on the trained float32 parameters and convert them only to sample.")
     tokens = batch["tokens"].astype(jnp.int32)  # [B, L]
     logits = model.apply(
         {"params": params}, tokens, batch["labels" if "labels" in batch else "label"].astype(jnp.int32),
@@ -301,10 +305,23 @@ def loss_fn(model: GPT, params: Any, batch: dict[str, jax.Array], rng: jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig(sampling.SamplingOptions):
-    """The GPT's sampler options: exactly the shared :class:`~vqgen.generators.sampling.SamplingOptions`
+    """The GPT's sampler options: the shared :class:`~vqgen.generators.sampling.SamplingOptions`
     (temperature, top-k, top-p, CFG scale, schedule and interval; the interval counts tokens, as
-    LlamaGen's ``cfg_interval`` stops guidance after a position).
+    LlamaGen's ``cfg_interval`` stops guidance after a position) and the decode weight dtype.
+
+    ``weight_dtype``: how the linear layers' kernels are stored while sampling (the config's
+    ``sample.weight_dtype``): ``'float32'`` (the trained weights, bit for bit), ``'bfloat16'`` or
+    ``'int8'`` (weight-only, symmetric, one float32 scale per output channel). The trained float32
+    parameters are converted once per :func:`sample` call (:func:`decode_params`); embeddings and
+    norm scales stay float32, and the compute dtype stays the model's ``dtype``. See
+    :mod:`vqgen.modules.weight_quant` for what each costs and what XLA's CPU backend does with it.
     """
+
+    weight_dtype: str = "float32"
+
+    def __post_init__(self):
+        super().__post_init__()
+        weight_quant.check_weight_dtype(self.weight_dtype, "sample.weight_dtype")
 
 
 SamplerOptions = SamplerConfig  # the generator protocol's name for a family's options type
@@ -356,28 +373,83 @@ def _cond_labels(model: GPT, labels: jax.Array, config: SamplerConfig) -> jax.Ar
     return labels  # [B]
 
 
+def decode_params(params: Any, weight_dtype: str = "float32", *,
+                  chunk_columns: int | None = weight_quant.DEFAULT_CHUNK_COLUMNS) -> Any:
+    """The GPT's parameters for decoding: every linear kernel a
+    :class:`~vqgen.modules.weight_quant.DecodeKernel` of ``weight_dtype`` split into column chunks
+    of at most ``chunk_columns`` outputs (``None``: whole), everything else as it is.
+
+    :func:`sample` calls it on the params it is given (under jit, once per call, so the decode
+    copy of the kernels exists beside the trained ones while sampling); passing its result to
+    :func:`sample` instead skips that conversion. ``weight_dtype='float32'`` samples the same
+    tokens, bit for bit, as the trained parameters.
+    """
+    return weight_quant.decode_params(nn.meta.unbox(params), weight_dtype, chunk_columns=chunk_columns)
+
+
+def _chunk_columns(rows: int) -> int | None:
+    """Column chunk width of the decode kernels for ``rows`` rows per step (see :func:`sample_tokens`)."""
+    return weight_quant.DEFAULT_CHUNK_COLUMNS if rows == 1 else None
+
+
+def _prefill(model: GPT, params: Any, cond: jax.Array, cache: list[Cache]):
+    with weight_quant.decode_matmuls():
+        return model.apply({"params": params}, cond, cache, method=GPT.prefill)  # [B', V]
+
+
+def _decode(model: GPT, params: Any, feed: jax.Array, cache: list[Cache], pos: jax.Array):
+    with weight_quant.decode_matmuls():
+        return model.apply({"params": params}, feed, cache, pos, method=GPT.decode)  # [B', S, V]
+
+
 def sample_tokens(model: GPT, params: Any, labels: jax.Array, rng: jax.Array, config: SamplerConfig) -> jax.Array:
-    """Un-jitted body of :func:`sample` (pure; ``model`` and ``config`` must be static under jit)."""
-    params = nn.meta.unbox(params)
+    """Un-jitted body of :func:`sample` (pure; ``model`` and ``config`` must be static under jit).
+
+    The kernels are split into column chunks when a step multiplies one row (batch 1 without
+    CFG): there that is several times faster on XLA's CPU backend and gives the same float32
+    numbers bit for bit; with more rows XLA's matrix-matrix kernels block their sums by the
+    matrix width, so the kernels stay whole and float32 sampling stays bit-identical.
+    """
     batch, num_steps = labels.shape[0], model.block_size
     cond = _cond_labels(model, labels, config)  # [B] or [2B]
+    params = decode_params(params, config.weight_dtype, chunk_columns=_chunk_columns(cond.shape[0]))
     cache = init_cache(model, cond.shape[0])
-    logits, cache = model.apply({"params": params}, cond, cache, method=GPT.prefill)  # [B', V]
+    logits, cache = _prefill(model, params, cond, cache)  # [B', V]
     first = _pick(logits, 0, rng, batch, num_steps, config)  # [B]
     tokens = jnp.zeros((batch, num_steps), jnp.int32).at[:, 0].set(first)  # [B, L]
 
     def body(t, state: _DecodeState) -> _DecodeState:
         feed = jnp.concatenate([state.last, state.last]) if config.uses_cfg else state.last  # [B']
         # Image token t-1 sits at sequence position CLS_TOKEN_NUM + t - 1.
-        step_logits, cache = model.apply(
-            {"params": params}, feed[:, None], state.cache, CLS_TOKEN_NUM + t - 1, method=GPT.decode
-        )  # [B', 1, V]
+        step_logits, cache = _decode(model, params, feed[:, None], state.cache, CLS_TOKEN_NUM + t - 1)  # [B', 1, V]
         nxt = _pick(step_logits[:, 0], t, rng, batch, num_steps, config)  # [B]
         toks = jax.lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, t))  # [B, L]
         return _DecodeState(tokens=toks, last=nxt, cache=cache)
 
     state = jax.lax.fori_loop(1, num_steps, body, _DecodeState(tokens=tokens, last=first, cache=cache))
     return state.tokens
+
+
+@functools.partial(jax.jit, static_argnames=("model", "weight_dtype"))
+def cached_logits(model: GPT, params: Any, tokens: jax.Array, labels: jax.Array,
+                  weight_dtype: str = "float32") -> jax.Array:
+    """float32 logits ``[B, L, V]`` of ``tokens [B, L]`` computed by the sampler's own path: decode
+    weights of ``weight_dtype``, the class token prefilled into the KV cache, then one cached
+    decoding step per token (``logits[:, t]`` predicts ``tokens[:, t]``, as ``model(tokens, labels)``).
+    Used to measure what a decode weight dtype does to the sampler's logits."""
+    weight_quant.check_weight_dtype(weight_dtype)
+    b, n = tokens.shape
+    params = decode_params(params, weight_dtype, chunk_columns=_chunk_columns(b))
+    cache = init_cache(model, b)
+    first, cache = _prefill(model, params, labels.astype(jnp.int32), cache)  # [B, V]
+    out = jnp.zeros((b, n, model.vocab_size), jnp.float32).at[:, 0].set(first)  # [B, L, V]
+
+    def body(t, carry):
+        out, cache = carry
+        logits, cache = _decode(model, params, tokens[:, t - 1][:, None], cache, CLS_TOKEN_NUM + t - 1)  # [B, 1, V]
+        return out.at[:, t].set(logits[:, 0]), cache
+
+    return jax.lax.fori_loop(1, n, body, (out, cache))[0]
 
 
 _sample_jit = jax.jit(sample_tokens, static_argnames=("model", "config"))
@@ -389,8 +461,10 @@ def sample(
     """Samples ``int32 [B, h*w]`` image tokens for class ids ``labels [B]`` (KV cache, one lax loop).
 
     Jitted end to end with ``model`` and ``config`` static: one compile per model, config and
-    batch size. Token ``t`` is drawn with key ``jax.random.fold_in(rng, t)``. Raises
-    ``ValueError`` for class ids out of range and for CFG on a model without class dropout.
+    batch size. Token ``t`` is drawn with key ``jax.random.fold_in(rng, t)``. The linear kernels
+    are read in ``config.weight_dtype`` (converted inside the jitted call; pass
+    :func:`decode_params` of that dtype to convert once for many calls). Raises ``ValueError`` for
+    class ids out of range and for CFG on a model without class dropout.
     """
     _check_sample_args(model, labels, config)
     return _sample_jit(model, params, jnp.asarray(labels, jnp.int32), rng, config)
@@ -432,6 +506,19 @@ _BUILD_KEYS = {f.name for f in dataclasses.fields(GPT)} - {"vocab_size", "num_cl
 def build(cfg: dict, *, vocab_size: int, num_classes: int, grid: tuple[int, ...]) -> GPT:
     """A :class:`GPT` from a config section (``config.generator`` as a dict; ``arch`` ignored)."""
     kw = {k: v for k, v in cfg.items() if k != "arch"}
+    if "weight_dtype" in kw:
+        raise ValueError(f"generator.weight_dtype={kw['weight_dtype']!r} is a sampling option, not a training one; "
+                         "remove it from the generator section and set sample.weight_dtype instead.")
+    for key in ("dtype", "param_dtype"):
+        name = kw.get(key)
+        name = name if isinstance(name, str) or name is None else jnp.dtype(name).name
+        if name == "int8":
+            raise ValueError(f"generator.{key}='int8' cannot train (int8 is a decode-time weight dtype); train in "
+                             "float32 and sample with sample.weight_dtype='int8'.")
+        if key == "param_dtype" and name == "bfloat16":
+            raise ValueError("generator.param_dtype='bfloat16' would train bfloat16-stored weights; keep param_dtype "
+                             "float32 (dtype='bfloat16' gives bfloat16 compute) and sample with "
+                             "sample.weight_dtype='bfloat16' to read bfloat16 weights.")
     unknown = sorted(set(kw) - _BUILD_KEYS)
     if unknown:
         raise ValueError(f"unknown GPT config keys {unknown}; valid keys are {sorted(_BUILD_KEYS)}.")
