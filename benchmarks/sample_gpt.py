@@ -13,7 +13,15 @@ Measures, for GPT-B at vocab 16384 and 256 tokens (16x16), float32:
   ``T = 256`` the context); XLA's own cost-analysis count is reported beside it;
 - the batch-1 memory-bandwidth bound: the bytes of every parameter read per decoded token
   (all but the two embedding tables) divided by a measured copy bandwidth
-  (``x + 1`` on a 256 MiB float32 array: bytes read + written per second).
+  (``x + 1`` on a 256 MiB float32 array: bytes read + written per second);
+- batch-1 greedy (top-k 1) sampling with each decode weight dtype (``SamplerConfig.weight_dtype``:
+  float32, bfloat16, int8 weight-only) and float32 with whole, unchunked kernels (the sampler
+  before column chunks): tokens/s of the decoding loop on pre-converted weights (the conversion's
+  time is recorded beside it), the weight bytes read per token in that dtype, the bound those
+  bytes set at the measured read bandwidth (``sum(x)``) and the fraction of it reached; against
+  float32, the largest logit error of the sampler's cached path on float32's greedy tokens
+  (relative to the largest float32 logit), the top-1 agreement given the same prefix, and the
+  agreement of the freely sampled greedy tokens.
 
 Timings are printed and written, never asserted. ``python benchmarks/sample_gpt.py`` writes
 ``benchmarks/results/sample_gpt.json``; ``--quick`` (fewer repetitions, batches 1 and 8)
@@ -42,6 +50,7 @@ import numpy as np
 from benchmarks import common
 from vqgen import config_lib, parallel
 from vqgen.generators import gpt
+from vqgen.modules import weight_quant
 from vqgen.train import common as train_common
 from vqgen.train import generator as generator_lib
 
@@ -119,6 +128,63 @@ def bench_sampling(model, params, batches, reps: int, no_cache_steps: int, cfg_b
     return out
 
 
+def _decode_bytes(dparams) -> int:
+    """Bytes read per decoded token at batch 1: every kernel in its decode dtype (int8 scales
+    included) and the norm scales; the embedding tables contribute one row and are left out."""
+    norms = sum(int(x.nbytes) for path, x in jax.tree_util.tree_flatten_with_path(
+        dparams, is_leaf=lambda x: isinstance(x, weight_quant.DecodeKernel))[0]
+        if not isinstance(x, weight_quant.DecodeKernel) and path[-1].key == "scale")
+    return weight_quant.weight_bytes(dparams) + norms
+
+
+def bench_weight_dtypes(model, params, bw: dict, reps: int) -> list[dict]:
+    """Batch-1 greedy sampling with each decode weight dtype (see the module docstring)."""
+    labels = jnp.array([207], jnp.int32)
+    n = model.block_size
+    convert = jax.jit(gpt.decode_params, static_argnames=("weight_dtype", "chunk_columns"))
+    cases = [("float32", None), ("float32", weight_quant.DEFAULT_CHUNK_COLUMNS),
+             ("bfloat16", weight_quant.DEFAULT_CHUNK_COLUMNS), ("int8", weight_quant.DEFAULT_CHUNK_COLUMNS)]
+    rows, ref_tokens, ref_logits = [], None, None
+    for dtype, chunks in cases:
+        t0 = time.perf_counter()
+        dparams = jax.block_until_ready(convert(params, weight_dtype=dtype, chunk_columns=chunks))
+        convert_s = time.perf_counter() - t0
+        cfg = gpt.SamplerConfig(top_k=1, weight_dtype=dtype)
+        t0 = time.perf_counter()
+        tokens = gpt.sample(model, dparams, labels, jax.random.key(0), cfg).block_until_ready()
+        first = time.perf_counter() - t0
+        t = _best_time(lambda: gpt.sample(model, dparams, labels, jax.random.key(1), cfg).block_until_ready(), reps)
+        nbytes = _decode_bytes(dparams)
+        bound = bw["read_gb_per_s"] * 1e9 / nbytes
+        row = {"batch": 1, "weight_dtype": dtype, "column_chunks": chunks is not None, "chunk_columns": chunks,
+               "convert_s": convert_s, "first_call_s": first, "seconds": t, "tokens_per_s": n / t,
+               "weight_bytes_per_token": nbytes, "read_bandwidth_bound_tokens_per_s": bound,
+               "fraction_of_read_bound": n / t / bound,
+               "copy_bandwidth_bound_tokens_per_s": bw["gb_per_s"] * 1e9 / nbytes}
+        if chunks is not None:
+            if ref_tokens is None:  # float32 with chunks: the reference of the other dtypes
+                ref_tokens = tokens
+                ref_logits = gpt.cached_logits(model, params, tokens, labels)  # [1, L, V]
+            logits = gpt.cached_logits(model, dparams, ref_tokens, labels, dtype)  # [1, L, V]
+            err = jnp.abs(logits - ref_logits)
+            row.update({
+                "max_logit_error": float(jnp.max(err)),
+                "max_logit_error_relative": float(jnp.max(err) / jnp.max(jnp.abs(ref_logits))),
+                "mean_logit_error": float(jnp.mean(err)),
+                "top1_agreement_same_prefix": float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref_logits, -1))),
+                "greedy_token_agreement": float(jnp.mean(tokens == ref_tokens)),
+            })
+        else:
+            row["greedy_token_agreement_with_chunked"] = None  # filled below
+            unchunked_tokens = tokens
+        row["peak_rss_mib"] = common.peak_rss_mib()
+        rows.append(row)
+        del dparams
+        print(json.dumps(row), flush=True)
+    rows[0]["greedy_token_agreement_with_chunked"] = float(jnp.mean(unchunked_tokens == ref_tokens))
+    return rows
+
+
 def train_config(batch_size: int):
     """``configs/generators/llamagen.py:B`` in float32 at ``batch_size`` on the local devices."""
     config = config_lib.load_config("generators/llamagen", "B")
@@ -173,9 +239,21 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
     }
 
 
-def _table(sampling_rows: list[dict], train: dict) -> list[dict]:
+def _table(sampling_rows: list[dict], train: dict, dtype_rows: list[dict]) -> list[dict]:
     """The harness's table rows (:func:`benchmarks.common.row`) of this benchmark's results."""
     rows = []
+    for r in dtype_rows:
+        what = f"{r['weight_dtype']} weights" + ("" if r["column_chunks"] else ", whole kernels")
+        note = (f"{r['fraction_of_read_bound']:.0%} of {r['read_bandwidth_bound_tokens_per_s']:.0f} tokens/s "
+                f"({r['weight_bytes_per_token'] / 1e6:.0f} MB/token at read bandwidth)")
+        if "max_logit_error_relative" in r and r["weight_dtype"] != "float32":
+            note += (f"; logit error {r['max_logit_error_relative']:.2%} of max, top-1 agreement "
+                     f"{r['top1_agreement_same_prefix']:.1%} (same prefix), {r['greedy_token_agreement']:.1%} (free)")
+        elif not r["column_chunks"]:
+            note += f"; greedy tokens equal to column-chunked: {r['greedy_token_agreement_with_chunked']:.0%}"
+        rows.append(common.row(
+            "sample_gpt", f"GPT-B greedy 256 tokens, batch 1, {what}", throughput=r["tokens_per_s"], unit="tokens/s",
+            step_s=r["seconds"], peak_rss_mib=r["peak_rss_mib"], note=note))
     for r in sampling_rows:
         cfg = f", CFG {r['cfg_scale']:g}" if "cfg_scale" in r else ""
         rows.append(common.row(
@@ -212,6 +290,7 @@ def run(quick: bool = False) -> dict:
         no_cache_steps=2 if quick else 8,
         cfg_batch=None if quick else 8,
     )
+    dtype_rows = bench_weight_dtypes(model, params, bw, reps=1 if quick else 3)
     train = bench_train(model, params, 8, reps=1 if quick else 3, peak_gflops=peak["gflops"], stats=stats)
     print(json.dumps({"train": train}), flush=True)
 
@@ -226,15 +305,22 @@ def run(quick: bool = False) -> dict:
         "b8_cache_speedup": b8["cache_speedup"] if b8 else None,
         "b8_tokens_per_s": b8["cache_tokens_per_s"] if b8 else None,
         "train_mfu": train["mfu"],
+        "b1_weight_dtypes": {
+            ("float32 whole kernels" if not r["column_chunks"] else r["weight_dtype"]): {
+                k: r.get(k) for k in ("tokens_per_s", "weight_bytes_per_token", "read_bandwidth_bound_tokens_per_s",
+                                      "fraction_of_read_bound", "max_logit_error_relative",
+                                      "top1_agreement_same_prefix", "greedy_token_agreement")}
+            for r in dtype_rows},
         "targets": {
             "train_mfu": ">= 0.5",
             "b1_fraction_of_bandwidth_bound": ">= 0.5",
+            "b1_float32_fraction_of_read_bound": ">= 0.7",
             "b8_cache_speedup": ">= 4",
             "llamagen_pytorch_reference_tokens_per_s": {"train_b8": 270, "sample_b1": 40, "sample_b8": 190, "sample_b8_cfg": 150},
         },
     }
     return {
-        "table": _table(sampling_rows, train),
+        "table": _table(sampling_rows, train, dtype_rows),
         "benchmark": "sample_gpt",
         "quick": quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -252,6 +338,7 @@ def run(quick: bool = False) -> dict:
         "copy_bandwidth": bw,
         "bytes_read_per_token_b1": bytes_per_token,
         "sampling": sampling_rows,
+        "weight_dtypes_b1": dtype_rows,
         "train": train,
         "summary": summary,
     }

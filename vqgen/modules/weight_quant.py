@@ -35,8 +35,10 @@ What XLA's CPU backend does (jax 0.10, measured on this project's 2-core x86 VM;
   (``wrapped_convert`` in the optimised HLO), then multiplies that copy. With column chunks the
   copy is one chunk at a time and can stay in cache, but the conversion itself costs about what
   the float32 read saves, so on this CPU int8 and bfloat16 weights shrink the bytes stored and
-  read from memory without making batch-1 decoding faster. Accelerator backends (TPU) fuse the
-  conversion into the matmul; the scale multiplies the float32 output, never the weights.
+  read from memory without making batch-1 decoding clearly faster (GPT-B, one run at load 8:
+  float32 12.3, bfloat16 10.2, int8 13.0 tokens/s for 390, 195 and 98 MB of weights per token).
+  Accelerator backends (TPU) fuse the conversion into the matmul. The int8 scale multiplies the
+  float32 output, never the weights.
 """
 from __future__ import annotations
 
