@@ -36,8 +36,9 @@ the structure). Variants:
   tokens carry almost nothing of the image. At initialisation the encoder's latents vary across
   images by 0.3% of their size (the learned latent tokens and their positions dominate; the
   image reaches them only through near-uniform attention of 0.02-initialised projections), so
-  256 held-out digits use 31 distinct codes in all over the 32 positions. Measured after 200 steps (held-out PSNR
-  of the raw weights; the mean image is 13.05): as configured 12.7; without the quantizer 12.8;
+  256 held-out digits use 31 distinct codes in all over the 32 positions. Measured after 200
+  steps (held-out PSNR of the raw weights; the mean image is 13.05): as configured 12.7; without
+  the quantizer 12.8;
   commitment weight 0 12.9; learning rate 5e-4 12.9; 4x4 patches 13.1; the decoder's 3x3
   ``conv_out`` 10x larger 13.0; query/key kernels 5x larger 13.0; every kernel 4x larger 13.3;
   every kernel at 1/sqrt(fan-in) 13.2 (after 600 steps 14.1 dB with 98% of the codes in use,
