@@ -348,6 +348,37 @@ def _grid_from_rope(table: np.ndarray, name: str, head_dim: int | None) -> tuple
     return side, hd
 
 
+
+def kv_heads_of(name: str, wqkv_rows: int, width: int, num_heads: int) -> int:
+    """The kv head count of a fused ``wqkv`` weight of ``wqkv_rows`` rows (queries of ``width``
+    rows, then keys and values); a row count that fits no kv head count dividing ``num_heads`` is
+    a :class:`ConversionError` naming ``--num-heads``."""
+    head_dim = width // num_heads
+    kv_rows = wqkv_rows - width
+    kv_heads = kv_rows // (2 * head_dim) if kv_rows > 0 and kv_rows % (2 * head_dim) == 0 else 0
+    if not kv_heads or num_heads % kv_heads:
+        raise ConversionError(f"{name}: wqkv has {kv_rows + width} rows, which is not {width} query rows plus key and "
+                              f"value rows for a number of kv heads dividing {num_heads} heads of width {head_dim}; "
+                              "pass the head count it was trained with in --num-heads.")
+    return kv_heads
+
+
+def class_count(name: str, rows: int, num_classes: int | None) -> tuple[int, bool]:
+    """``(num_classes, null_class)`` of a class table of ``rows`` rows: the last row is the CFG null
+    class unless ``num_classes`` says the table has none; a count that fits neither is a
+    :class:`ConversionError` naming ``--num-classes``."""
+    if num_classes is None:
+        num_classes, null_class = rows - 1, True
+    elif num_classes in (rows, rows - 1):
+        null_class = num_classes == rows - 1
+    else:
+        raise ConversionError(f"{name} has a class table of {rows} rows, which is neither {num_classes} classes nor "
+                              f"{num_classes} classes and the CFG null row; drop --num-classes or fix it.")
+    if num_classes < 1:
+        raise ConversionError(f"{name} has a class table of {rows} row(s), which leaves no class besides the CFG "
+                              "null row; pass --num-classes when the model was trained without one.")
+    return num_classes, null_class
+
 def inspect_gpt(state: Mapping[str, np.ndarray], name: str = "the GPT file", *, num_heads: int | None = None,
                 num_classes: int | None = None) -> GPTInfo:
     """The sizes of a LlamaGen c2i GPT state dict; raises :class:`ConversionError` unless every
@@ -383,24 +414,9 @@ def inspect_gpt(state: Mapping[str, np.ndarray], name: str = "the GPT file", *, 
     if num_heads < 1 or width % num_heads:
         raise ConversionError(f"{name} has width {width}, which {num_heads} heads do not divide; pass the head count "
                               "it was trained with in --num-heads.")
-    head_dim = width // num_heads
-    kv_rows = int(state["layers.0.attention.wqkv.weight"].shape[0]) - width
-    kv_heads = kv_rows // (2 * head_dim) if kv_rows > 0 and kv_rows % (2 * head_dim) == 0 else 0
-    if not kv_heads or num_heads % kv_heads:
-        raise ConversionError(f"{name}: wqkv has {kv_rows + width} rows, which is not {width} query rows plus key and "
-                              f"value rows for a number of kv heads dividing {num_heads} heads of width {head_dim}; "
-                              "pass the head count it was trained with in --num-heads.")
-    rows = int(state["cls_embedding.embedding_table.weight"].shape[0])
-    if num_classes is None:
-        num_classes, null_class = rows - 1, True
-    elif num_classes in (rows, rows - 1):
-        null_class = num_classes == rows - 1
-    else:
-        raise ConversionError(f"{name} has a class table of {rows} rows, which is neither {num_classes} classes nor "
-                              f"{num_classes} classes and the CFG null row; drop --num-classes or fix it.")
-    if num_classes < 1:
-        raise ConversionError(f"{name} has a class table of {rows} row(s), which leaves no class besides the CFG "
-                              "null row; pass --num-classes when the model was trained without one.")
+    kv_heads = kv_heads_of(name, int(state["layers.0.attention.wqkv.weight"].shape[0]), width, num_heads)
+    num_classes, null_class = class_count(name, int(state["cls_embedding.embedding_table.weight"].shape[0]),
+                                          num_classes)
     info = GPTInfo(depth=depth, width=width, num_heads=num_heads, num_kv_heads=kv_heads,
                    hidden_dim=int(state["layers.0.feed_forward.w1.weight"].shape[0]), vocab_size=vocab,
                    num_classes=num_classes, null_class=null_class, grid=grid)

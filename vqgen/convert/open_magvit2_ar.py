@@ -69,7 +69,7 @@ import numpy as np
 
 from vqgen.convert import seed_voken
 from vqgen.convert.conv_blocks import count_indices
-from vqgen.convert.llamagen import ffn_fields
+from vqgen.convert.llamagen import class_count, ffn_fields, kv_heads_of
 from vqgen.convert.workdir import ConversionError, check_keys, linear_kernel, read_state_dict, set_fields, write_workdir
 from vqgen.generators import gpt_factorized
 
@@ -208,24 +208,8 @@ def inspect(state: Mapping[str, np.ndarray], name: str = "the AR checkpoint", *,
     if num_heads < 1 or width % num_heads:
         raise ConversionError(f"{name} has width {width}, which {num_heads} heads do not divide; pass the head count "
                               "it was trained with in --num-heads.")
-    head_dim = width // num_heads
-    kv_rows = int(gpt["spatial_blocks.0.attention.wqkv.weight"].shape[0]) - width
-    kv_heads = kv_rows // (2 * head_dim) if kv_rows > 0 and kv_rows % (2 * head_dim) == 0 else 0
-    if not kv_heads or num_heads % kv_heads:
-        raise ConversionError(f"{name}: wqkv has {kv_rows + width} rows, which is not {width} query rows plus key and "
-                              f"value rows for a number of kv heads dividing {num_heads} heads of width {head_dim}; "
-                              "pass the head count it was trained with in --num-heads.")
-    rows = int(gpt["class_emb.embedding_table.weight"].shape[0])
-    if num_classes is None:
-        num_classes, null_class = rows - 1, True
-    elif num_classes in (rows, rows - 1):
-        null_class = num_classes == rows - 1
-    else:
-        raise ConversionError(f"{name} has a class table of {rows} rows, which is neither {num_classes} classes nor "
-                              f"{num_classes} classes and the CFG null row; drop --num-classes or fix it.")
-    if num_classes < 1:
-        raise ConversionError(f"{name} has a class table of {rows} row(s), which leaves no class besides the CFG "
-                              "null row; pass --num-classes when the model was trained without one.")
+    kv_heads = kv_heads_of(name, int(gpt["spatial_blocks.0.attention.wqkv.weight"].shape[0]), width, num_heads)
+    num_classes, null_class = class_count(name, int(gpt["class_emb.embedding_table.weight"].shape[0]), num_classes)
     info = ARInfo(depth=count_indices(gpt, r"^spatial_blocks\.(\d+)\."),
                   factorized_depth=count_indices(gpt, r"^factorized_blocks\.(\d+)\."), width=width,
                   num_heads=num_heads, num_kv_heads=kv_heads,
