@@ -112,6 +112,22 @@ def test_sampler_compiles_once_and_runs_one_lax_loop():
     assert len(small_hlo.splitlines()) == len(big_hlo.splitlines())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_copies_no_kv_cache(batch):
+    """The compiled sampler updates each layer's cache in place: no op in the program copies a
+    whole cache buffer (at batch 1 a ``[1, KV, T, hd]`` cache once cost four copies per layer and
+    step on XLA's CPU backend)."""
+    model = tiny()
+    cache_shape = gpt.init_cache(model, batch)[0]["k"].shape
+    compiled = gpt._sample_jit.lower(model, nn.meta.unbox(gpt.abstract_params(model)),
+                                     jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0),
+                                     SamplerConfig()).compile()
+    dims = ",".join(map(str, cache_shape))
+    copies = [line for line in compiled.as_text().splitlines()
+              if " copy(" in line and f"[{dims}]" in line]
+    assert "while" in compiled.as_text() and not copies, copies[:4]
+
+
 def test_top_k_1_and_top_p_0_equal_greedy_argmax():
     model = tiny()
     params = random_params(model)

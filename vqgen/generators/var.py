@@ -96,7 +96,6 @@ import optax
 
 from vqgen.generators import sampling
 from vqgen.modules.attention import Cache
-from vqgen.modules.attention import init_cache as init_layer_cache
 from vqgen.quantizers.multiscale import VAR_SCALES, Phi, area_matrix, bicubic_matrix, phi_assignment
 
 # The generator protocol (vqgen/generators/__init__.py): image tokens, as the multi-scale pyramid
@@ -784,7 +783,8 @@ def var_variant(name: str, **overrides: Any) -> VAR:
 def init_cache(model: VAR, batch: int, dtype: Dtype | None = None) -> list[Cache]:
     """Preallocated per-block KV caches ``{'k', 'v'}: [batch, heads, L, head_dim]`` (zeros)."""
     dtype = model.dtype if dtype is None else dtype
-    return [init_layer_cache(batch, model.seq_len, model.heads, model.head_dim, dtype) for _ in range(model.depth)]
+    shape = (batch, model.heads, model.seq_len, model.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(model.depth)]
 
 
 def _dummy_inputs(model: VAR, batch: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -2,10 +2,13 @@
 pre-norm LLaMA transformer block built on it.
 
 The KV cache is a plain pytree (no linen collection): :func:`init_cache` allocates
-``{'k': [B, KV, T, hd], 'v': [B, KV, T, hd]}`` once (head-major, as LlamaGen's cache, so that
-attention reads it without a transpose), and every call that is given a cache and a
-position ``pos`` writes its ``S`` new keys/values at ``[pos, pos + S)`` with
-``lax.dynamic_update_slice`` and returns the updated cache. The same code prefills many tokens
+``{'k': [B * KV, T, hd], 'v': [B * KV, T, hd]}`` once (head-major, as LlamaGen's cache, so that
+attention reads it without a transpose; batch and kv heads share the leading axis, batch major),
+and every call that is given a cache and a position ``pos`` writes its ``S`` new keys/values at
+``[pos, pos + S)`` with ``lax.dynamic_update_slice`` and returns the updated cache. The merged
+leading axis is for batch 1: a ``[1, KV, T, hd]`` cache is read by the attention products as
+``[KV, T, hd]``, and XLA's CPU backend then fuses the cache update once for each shape and copies
+the whole cache to feed each fusion, four full-cache copies per layer and step. The same code prefills many tokens
 (``S > 1``) and decodes one token per step (``S == 1``); ``pos`` may be a traced scalar, so a
 ``lax.fori_loop`` over decoding steps compiles once. Queries attend to every cache slot whose
 absolute position is ``<=`` their own (causal) — slots not yet written are masked out.
@@ -34,8 +37,9 @@ _MASK_VALUE = -1e30
 
 
 def init_cache(batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32) -> Cache:
-    """Allocates an empty KV cache ``{'k', 'v'}`` of shape ``[batch, kv_heads, max_len, head_dim]``."""
-    shape = (batch, kv_heads, max_len, head_dim)
+    """Allocates an empty KV cache ``{'k', 'v'}`` of shape ``[batch * kv_heads, max_len, head_dim]``
+    (row ``b * kv_heads + j`` holds kv head ``j`` of sample ``b``)."""
+    shape = (batch * kv_heads, max_len, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -108,27 +112,34 @@ class Attention(nn.Module):
         k = k.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
         v = v.transpose(0, 2, 1, 3)  # [B, KV, S, hd]
 
-        if cache is None:
-            keys, values, new_cache, q_start = k, v, None, 0
-        else:
-            start = (0, 0, pos, 0)
-            keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)  # [B, KV, T, hd]
-            values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)  # [B, KV, T, hd]
-            new_cache, q_start = {"k": keys, "v": values}, pos
-        t = keys.shape[2]
-
         qg = q.reshape(b, s, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, hd]
+        if cache is None:
+            keys, values, new_cache, q_start = k, v, None, 0  # [B, KV, S, hd]
+        else:
+            if cache["k"].shape[0] != b * kvh:
+                raise ValueError(f"the KV cache holds {cache['k'].shape[0]} rows but batch {b} x {kvh} kv heads "
+                                 f"needs {b * kvh}; allocate it with init_cache(batch={b}, ...).")
+            qg = qg.reshape(b * kvh, h // kvh, s, hd)  # [B*KV, G, S, hd]
+            start = (0, pos, 0)
+            k = k.reshape(b * kvh, s, hd).astype(cache["k"].dtype)  # [B*KV, S, hd]
+            v = v.reshape(b * kvh, s, hd).astype(cache["v"].dtype)  # [B*KV, S, hd]
+            keys = jax.lax.dynamic_update_slice(cache["k"], k, start)  # [B*KV, T, hd]
+            values = jax.lax.dynamic_update_slice(cache["v"], v, start)  # [B*KV, T, hd]
+            new_cache, q_start = {"k": keys, "v": values}, pos
+        t = keys.shape[-2]
+
+        # "..." is [B, KV] without a cache and [B*KV] with one.
         scores = jnp.einsum(
-            "bkgsd,bktd->bkgst", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
-        )  # [B, KV, G, S, T]
+            "...gsd,...td->...gst", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
+        )  # [..., G, S, T]
         scores = scores * (hd**-0.5)
         mask = attention_mask(s, t, q_start, self.causal)  # [S, T]
         scores = jnp.where(mask, scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, KV, G, S, T] float32
+        probs = jax.nn.softmax(scores, axis=-1)  # [..., G, S, T] float32
         probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=not train)
-        out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(self.dtype), values.astype(self.dtype),
-                         preferred_element_type=jnp.float32).astype(self.dtype)  # [B, KV, G, S, hd]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)  # [B, S, H, hd]
+        out = jnp.einsum("...gst,...td->...gsd", probs.astype(self.dtype), values.astype(self.dtype),
+                         preferred_element_type=jnp.float32).astype(self.dtype)  # [..., G, S, hd]
+        out = out.reshape(b, kvh, h // kvh, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, h, hd)  # [B, S, H, hd]
         out = DenseGeneral(
             (dim,), ("heads", "kv", "embed"), 2, self.init_std, self.dtype, self.param_dtype, name="wo"
         )(out)  # [B, S, D]
