@@ -194,10 +194,10 @@ def train_config(batch_size: int):
     return config
 
 
-def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, stats: dict) -> dict:
-    """The GPT-B train step exactly as vqgen trains it: the generator phase of the LlamaGen-B config
-    (AdamW with clipping, dropout, class dropout, EMA), float32, on random tokens."""
-    del params  # the phase initialises its own state, as the trainer does
+def train_step_fn(batch_size: int, model: gpt.GPT) -> tuple:
+    """``(run_once, compiled, compile_s)``: one call of ``run_once()`` is one train step of the
+    ``generators/llamagen:B`` generator phase (``model`` is its GPT-B, for the batch's shapes) in
+    float32 on random tokens, the state carried from call to call."""
     config = train_config(batch_size)
     phase = generator_lib.build(config)
     mesh = parallel.create_mesh(tuple(config.mesh_shape))
@@ -211,13 +211,23 @@ def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, s
         t0 = time.perf_counter()
         compiled = train_common.compile_phase(phase, mesh, shardings).lower(state, batch, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - t0
-    compiled_stats = common.compiled_stats(compiled)
-    xla_flops = compiled_stats["xla_flops"] if compiled_stats["xla_flops"] is not None else float("nan")
     holder = {"state": state}
 
     def run_once():
         holder["state"], metrics = compiled(holder["state"], batch, jax.random.key(1))
-        metrics["loss"].block_until_ready()
+        return float(metrics["loss"])
+
+    return run_once, compiled, compile_s
+
+
+def bench_train(model, params, batch_size: int, reps: int, peak_gflops: float, stats: dict) -> dict:
+    """The GPT-B train step exactly as vqgen trains it: the generator phase of the LlamaGen-B config
+    (AdamW with clipping, dropout, class dropout, EMA), float32, on random tokens."""
+    del params  # the phase initialises its own state, as the trainer does
+    run_once, compiled, compile_s = train_step_fn(batch_size, model)
+    n = model.block_size
+    compiled_stats = common.compiled_stats(compiled)
+    xla_flops = compiled_stats["xla_flops"] if compiled_stats["xla_flops"] is not None else float("nan")
 
     run_once()
     t = _best_time(run_once, reps)

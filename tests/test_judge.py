@@ -25,6 +25,22 @@ def test_held_out_accuracy_and_cache(trained):
     np.testing.assert_array_equal(again.predict(x_test[:50]), judge.predict(x_test[:50]))
 
 
+def test_shared_cache_is_read_before_training(trained, tmp_path, monkeypatch):
+    _, judge = trained
+    shared, workdir = tmp_path / "shared", tmp_path / "workdir"
+    monkeypatch.setenv(judge_lib.SHARED_CACHE_ENV, str(shared))
+    judge_lib._save(str(shared / "digit_judge_seed0.npz"), judge)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the shared cache holds the judge")
+
+    monkeypatch.setattr(judge_lib, "train_judge", no_training)
+    got = judge_lib.load_or_train_judge(str(workdir), seed=0)
+    assert got.accuracy == judge.accuracy and os.listdir(workdir) == ["digit_judge_seed0.npz"]
+    with pytest.raises(AssertionError, match="trained although"):  # another seed is not in it
+        judge_lib.load_or_train_judge(str(workdir), seed=1)
+
+
 def test_judge_metrics(trained):
     _, judge = trained
     x_test, y_test = embedded.load_mnist("test")

@@ -26,6 +26,32 @@ def _cli(env_extra, cwd, *args):
                           capture_output=True, text=True, timeout=900)
 
 
+def test_tokenizer_phase_on_a_gs_workdir(tmp_path):
+    """The default suite's gs:// check: one phase writes its config, checkpoints, logs and report
+    into the bucket and nothing into the current directory, and the same command finds it there
+    (the whole pipeline below takes minutes against the emulator and is a slow test)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = f"gs://{gcs_emulator.BUCKET}/runs/tok"
+    args = (f"--workdir={run}", "--mode=train_tokenizer", "--config.tokenizer_train.num_steps=2",
+            "--config.tokenizer_train.save_every=1")
+    with gcs_emulator.gcs_server() as env:
+        res = _cli(env, cwd, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        files = gcs_emulator.listing(env, run)
+        report = json.loads(gcs_emulator.read_bytes(env, f"{run}/report.json"))
+        again = _cli(env, cwd, *args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"tokenizer: already trained to step 2 in {run}/checkpoints/tokenizer" in again.stdout
+    assert list(cwd.iterdir()) == [], "the run wrote into the current directory"
+    for expected in ("config.json", "report.json", "tb/tokenizer/metrics.jsonl"):
+        assert expected in files, (expected, files)
+    assert {f.split("/")[2] for f in files if f.startswith("checkpoints/tokenizer/")} >= {"1", "2"}, files
+    assert report["tokenizer"]["steps"] == 2 and "psnr" in report["tokenizer"]
+    assert not any(".tmp" in f or "write-test" in f for f in files), files
+
+
+@pytest.mark.slow
 def test_whole_pipeline_on_a_gs_workdir(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()

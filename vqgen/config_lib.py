@@ -116,7 +116,7 @@ def tokenizer_train_config(**kw) -> ml_collections.ConfigDict:
     d = dict(num_steps=1000, batch_size=64, lr=1e-4, warmup_steps=0, schedule="cosine",
              weight_decay=0.0, b1=0.5, b2=0.9, grad_clip=1.0, ema_decay=0.999,
              l1_weight=1.0, l2_weight=0.0, perceptual_weight=0.0, lpips_path="",
-             log_every=50, save_every=500, keep=2, image_every=0, disc=disc_config())
+             log_every=50, save_every=500, keep=2, image_every=0, eval_batch_size=0, disc=disc_config())
     disc = kw.pop("disc", None)
     d.update(kw)
     c = ml_collections.ConfigDict(d)

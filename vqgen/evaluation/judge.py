@@ -17,13 +17,17 @@ the held-out ``'test'`` split. It gives these numbers for class-conditional samp
 samples' labels, the reference a generator's numbers are read against.
 
 ``load_or_train_judge(cache_dir)`` trains it once (seconds on a CPU) and caches its parameters
-and held-out accuracy in ``cache_dir/digit_judge_seed<seed>.npz``.
+and held-out accuracy in ``cache_dir/digit_judge_seed<seed>.npz``. Where the environment names a
+folder in ``VQGEN_JUDGE_CACHE``, a judge missing from ``cache_dir`` is first looked for there (and
+copied into ``cache_dir``), and a newly trained one is kept there too, so that many workdirs share
+one training.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -187,25 +191,48 @@ def _cache_path(cache_dir: str, seed: int) -> str:
     return fileio.join(cache_dir, f"digit_judge_seed{seed}.npz")
 
 
+SHARED_CACHE_ENV = "VQGEN_JUDGE_CACHE"
+
+
+def _load_cached(path: str) -> Judge | None:
+    """The judge cached at ``path``, or None when it is absent, stale or unreadable."""
+    if not fileio.exists(path):
+        return None
+    try:
+        z = fileio.load_npz(path)
+    except (OSError, ValueError):  # cut short: trained again
+        return None
+    if int(z.get("__version__", -1)) != _VERSION:
+        return None
+    flat = {k: np.asarray(v) for k, v in z.items() if not k.startswith("__")}
+    return Judge(params=traverse_util.unflatten_dict(flat, sep="/"), accuracy=float(z["__accuracy__"]))
+
+
+def _save(path: str, judge: Judge) -> None:
+    flat = traverse_util.flatten_dict(judge.params, sep="/")
+    fileio.save_npz(path, __version__=_VERSION, __accuracy__=judge.accuracy,
+                    **{k: np.asarray(v) for k, v in flat.items()})
+
+
 def load_or_train_judge(cache_dir: str, seed: int = 0) -> Judge:
-    """The digit judge, loaded from ``cache_dir`` (local or remote) or trained (and cached there,
-    atomically) if absent, stale or unreadable.
+    """The digit judge, loaded from ``cache_dir`` (local or remote), else from the folder named by
+    ``$VQGEN_JUDGE_CACHE`` when set, else trained; cached in both (atomically) where absent, stale
+    or unreadable.
 
     Its held-out accuracy on the embedded test digits is in ``Judge.accuracy``.
     """
     path = _cache_path(cache_dir, seed)
-    if fileio.exists(path):
-        try:
-            z = fileio.load_npz(path)
-        except (OSError, ValueError):  # cut short: trained again below
-            z = {}
-        if int(z.get("__version__", -1)) == _VERSION:
-            flat = {k: np.asarray(v) for k, v in z.items() if not k.startswith("__")}
-            return Judge(params=traverse_util.unflatten_dict(flat, sep="/"), accuracy=float(z["__accuracy__"]))
-    judge = train_judge(seed)
-    flat = traverse_util.flatten_dict(judge.params, sep="/")
-    fileio.save_npz(path, __version__=_VERSION, __accuracy__=judge.accuracy,
-                    **{k: np.asarray(v) for k, v in flat.items()})
+    judge = _load_cached(path)
+    if judge is not None:
+        return judge
+    shared = os.environ.get(SHARED_CACHE_ENV)
+    shared_path = _cache_path(shared, seed) if shared else None
+    judge = _load_cached(shared_path) if shared_path else None
+    if judge is None:
+        judge = train_judge(seed)
+        if shared_path:
+            _save(shared_path, judge)
+    _save(path, judge)
     return judge
 
 

@@ -420,6 +420,15 @@ def _reconstruct(model, params, model_state, x):
     return jnp.clip(x_rec.astype(jnp.float32), -1.0, 1.0), builders.flat_indices(q.indices)
 
 
+def inference_batch_size(config) -> int:
+    """The frozen tokenizer's batch (encoding the token cache, decoding samples, evaluation):
+    ``tokenizer_train.eval_batch_size``, or the training batch where that is 0 or absent. Without
+    gradients, optimiser or discriminator a larger batch fits, and far fewer calls tokenise a
+    dataset than at the training batch."""
+    tc = config.tokenizer_train
+    return int(tc.get("eval_batch_size", 0) or tc.batch_size)
+
+
 def frozen_from_state(config, state: TokenizerState, mesh=None) -> FrozenTokenizer:
     """The EMA tokenizer of a train state (the one just trained)."""
     mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
@@ -427,7 +436,7 @@ def frozen_from_state(config, state: TokenizerState, mesh=None) -> FrozenTokeniz
         model=builders.build_tokenizer(config.tokenizer, int(config.data.channels)), params=state.ema_params,
         model_state=state.model_state, step=int(jax.device_get(state.step)), spec=builders.token_spec(config),
         mesh=mesh, rules=parallel.rules_from_config(config.logical_rules),
-        batch_size=int(config.tokenizer_train.batch_size))
+        batch_size=inference_batch_size(config))
 
 
 def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
@@ -457,7 +466,7 @@ def load_frozen_tokenizer(config, workdir: str, mesh=None) -> FrozenTokenizer:
         ckpt.close()
     return FrozenTokenizer(model=model, params=restored["ema_params"], model_state=restored.get("model_state", {}),
                            step=int(meta["step"]), spec=builders.token_spec(config), mesh=mesh, rules=rules,
-                           batch_size=int(config.tokenizer_train.batch_size))
+                           batch_size=inference_batch_size(config))
 
 
 def check_architecture(config, ckpt: Checkpointer) -> None:
@@ -542,6 +551,10 @@ def train(config, workdir: str, mesh=None) -> TokenizerState:
     """Trains the tokenizer phase of ``config`` in ``workdir`` (resuming), returns the final state."""
     mesh = mesh or parallel.create_mesh(tuple(config.mesh_shape))
     parallel.check_batch_size(config.tokenizer_train.batch_size, mesh)
+    n = parallel.data_parallel_size(mesh)
+    if inference_batch_size(config) % n:
+        raise ValueError(f"tokenizer_train.eval_batch_size={inference_batch_size(config)} is not divisible by the {n} "
+                         f"devices of the data axes; set it to a multiple of {n} (or 0 for the training batch).")
     phase = build(config)
     _, data_iter = make_data(config, "train", train=True)
     return common.train_phase(
