@@ -190,6 +190,24 @@ def test_sampling_filters():
     np.testing.assert_array_equal(sampling.guide(c, u, 1.0), c)
 
 
+def test_large_top_k_keeps_exactly_the_logits_lax_top_k_keeps():
+    """Above k = 16 the k-th value comes from a bisection over order keys, not lax.top_k: the same
+    logits survive, ties with the k-th kept, -inf and signed zeros included."""
+    rs = np.random.RandomState(0)
+    filt = jax.jit(sampling.top_k_filter, static_argnums=1)
+    for trial, scale in enumerate([1e-3, 1.0, 1e4, 1.0]):
+        x = (rs.standard_normal((3, 300)) * scale).astype(np.float32)
+        if trial == 3:  # ties, masked entries, a row of +0 and a row with -0
+            x = np.round(x, 1)
+            x[:, :60] = -np.inf
+            x[1], x[2, :40] = 0.0, -0.0
+        for k in (17, 150, 299):
+            kth = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]
+            np.testing.assert_array_equal(filt(jnp.asarray(x), k), np.where(x < kth, -np.inf, x))
+            np.testing.assert_array_equal(filt(jnp.asarray(x), k),
+                                          jnp.where(x < jax.lax.top_k(x, k)[0][:, -1:], -jnp.inf, x))
+
+
 def test_loss_fn_and_class_dropout():
     model = tiny(token_dropout_prob=0.0, resid_dropout_prob=0.0, ffn_dropout_prob=0.0)
     params = dict(random_params(model), output={"kernel": jnp.zeros((32, 48))})

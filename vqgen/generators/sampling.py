@@ -102,13 +102,48 @@ class SamplingOptions:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()})
 
 
+_TOP_K_BY_SEARCH = 16  # larger k: the k-th value by bisection, not by lax.top_k
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys of float32 ``x`` whose unsigned order is the floats' order (-inf lowest)."""
+    x = x.astype(jnp.float32)
+    x = jnp.where(x == 0, jnp.float32(0), x)  # -0.0 ties with +0.0, as the float comparison has it
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def kth_largest_key(keys: jax.Array, k: int) -> jax.Array:
+    """The order key ``[..., 1]`` of the ``k``-th largest of ``keys [..., V]`` (uint32), exactly:
+    the largest ``t`` with at least ``k`` keys ``>= t``, found by bisection over the 32-bit key
+    range (32 counting passes over the row, no sort)."""
+    lo = jnp.min(keys, axis=-1, keepdims=True)  # count(>= lo) = V >= k
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)  # ceil of the midpoint, without overflow
+        enough = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    return jax.lax.fori_loop(0, 32, body, (lo, jnp.maximum(hi, lo)))[0]
+
+
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
     """Keeps the ``k`` largest logits of the last axis (ties with the k-th kept), others -> -inf.
 
-    ``k == 0`` (or ``k >= vocab``) leaves the logits unchanged. ``k`` is static.
+    ``k == 0`` (or ``k >= vocab``) leaves the logits unchanged. ``k`` is static. For ``k`` above
+    16 the k-th value comes from :func:`kth_largest_key` (exact, the same logits kept): on XLA's
+    CPU backend ``lax.top_k`` with k = 2000 of 16384 took 32 ms for 8 rows, about as long as a
+    GPT-B decoding step, and the bisection a few.
     """
     if k <= 0 or k >= logits.shape[-1]:
         return logits
+    if k > _TOP_K_BY_SEARCH:
+        keys = _order_keys(logits)
+        return jnp.where(keys < kth_largest_key(keys, k), -jnp.inf, logits)
     kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [..., 1]
     return jnp.where(logits < kth, -jnp.inf, logits)
 
