@@ -124,7 +124,7 @@ def _wait_for(path, proc, timeout=240):
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    steps = ["--config.tokenizer_train.num_steps=30", "--config.tokenizer_train.save_every=3",
+    steps = ["--config.tokenizer_train.num_steps=12", "--config.tokenizer_train.save_every=3",
              "--config.tokenizer_train.log_every=3"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(straight, *steps), check=True, env=_env(), capture_output=True, text=True)
@@ -141,12 +141,12 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert not (killed / "report.json").exists(), "the run finished before it was killed"
     done = subprocess.run(_cli(killed, *steps), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"tokenizer: resuming from step (3|6|9|12|15|18|21|24|27) to 30", done.stdout), done.stdout
+    assert re.search(r"tokenizer: resuming from step (3|6|9) to 12", done.stdout), done.stdout
     # the metrics log holds every step once: the steps replayed after the resume replace the lost ones
     logged = [json.loads(line)["step"] for line in (killed / "tb" / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(3, 31, 3)), logged
+    assert logged == list(range(3, 13, 3)), logged
     a, b = _final_params(straight), _final_params(killed)
-    assert int(a.step) == int(b.step) == 30
+    assert int(a.step) == int(b.step) == 12
     # bit for bit: parameters, EMA, optimiser and discriminator states
     leaves_a, tree_a = jax.tree.flatten(a)
     leaves_b, tree_b = jax.tree.flatten(b)
