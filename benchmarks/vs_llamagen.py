@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -62,19 +61,6 @@ def _official(repo: str | None):
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import GPT_models
     return torch, GPT_models, generate
-
-
-def _median_time(fn, reps: int) -> tuple[float, float]:
-    """(first call seconds, median of ``reps`` later calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
 
 
 class _Official:
@@ -172,8 +158,9 @@ def run(quick: bool = False, *, repo: str | None = None, passes: int | None = No
         for p in range(passes):
             one = {}
             for side, fn in fns.items():
-                first, med = _median_time(fn, reps)
-                one[side] = {"first_call_s": first, "median_s": med, "tokens_per_s": batch * TOKENS / med}
+                t = common.time_fn(fn, warmup=1, reps=reps)
+                one[side] = {"first_call_s": t["first_call_s"], "median_s": t["median_s"],
+                             "tokens_per_s": batch * TOKENS / t["median_s"]}
             one["ratio"] = one["vqgen"]["tokens_per_s"] / one["official"]["tokens_per_s"]
             record["passes"].append(one)
             print(json.dumps({"case": case, "pass": p + 1, **one}), flush=True)
