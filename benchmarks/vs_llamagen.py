@@ -38,7 +38,6 @@ if __package__ in (None, ""):
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
 
