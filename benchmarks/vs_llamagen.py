@@ -17,7 +17,9 @@ random weights (the zero-initialised output heads of both made random, so sampli
 Every case runs ``passes`` times, each pass alternating the official code and vqgen, each side
 timed ``reps`` times after an untimed first call (compilation; its time is recorded); the
 median of each pass is kept, and the ratio is taken within a pass, since the host's speed drifts
-between passes. PyTorch runs with as many threads as the machine has CPUs, as XLA does.
+between passes. Each side of each case and pass runs in a process of its own (this script with
+``--one``), so neither side's thread pool is still spinning or holding memory while the other is
+timed. PyTorch runs with as many threads as the machine has CPUs, as XLA does.
 
 Without PyTorch or without a LlamaGen checkout (``--llamagen-repo`` or ``$LLAMAGEN_REPO``) it says
 so and measures nothing. Results are printed and written to ``benchmarks/results/vs_llamagen.json``;
@@ -30,6 +32,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,31 +143,50 @@ CASES = (("train step, batch 8 x 256", "train", 8, None),
          ("sample 256 tokens, batch 8, CFG 2", "sample", 8, 2.0))
 
 
+def measure_one(side: str, case_index: int, reps: int, repo: str | None = None) -> dict:
+    """Times one side of one case in this process: ``{first_call_s, median_s, tokens_per_s}``."""
+    _, kind, batch, cfg = CASES[case_index]
+    if side == "official":
+        found = _official(repo)
+        if isinstance(found, str):
+            raise SystemExit(found)
+        impl = _Official(*found)
+    else:
+        impl = _Vqgen()
+    fn = impl.train_fn(batch) if kind == "train" else impl.sample_fn(batch, cfg)
+    t = common.time_fn(fn, warmup=1, reps=reps)
+    return {"first_call_s": t["first_call_s"], "median_s": t["median_s"],
+            "tokens_per_s": batch * TOKENS / t["median_s"]}
+
+
+def _measure_in_subprocess(side: str, case_index: int, reps: int, repo: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", side, str(case_index), "--reps", str(reps),
+           "--llamagen-repo", repo]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} / {CASES[case_index][0]} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def run(quick: bool = False, *, repo: str | None = None, passes: int | None = None, reps: int | None = None) -> dict:
     """Measures every case (nothing asserted); a result without rows says why when it cannot run."""
     found = _official(repo)
     if isinstance(found, str):
         print(found, flush=True)
         return {"benchmark": "vs_llamagen", "skipped": found, "table": []}
+    repo = str(Path(repo or os.environ[REPO_ENV]).resolve())
     passes = passes or (1 if quick else 2)
     reps = reps or (1 if quick else 3)
-    official, ours = _Official(*found), _Vqgen()
     results = []
-    for case, kind, batch, cfg in CASES:
-        fns = {side: (impl.train_fn(batch) if kind == "train" else impl.sample_fn(batch, cfg))
-               for side, impl in (("official", official), ("vqgen", ours))}
+    for i, (case, kind, batch, cfg) in enumerate(CASES):
         record = {"case": case, "batch": batch, "cfg_scale": cfg, "passes": []}
         for p in range(passes):
-            one = {}
-            for side, fn in fns.items():
-                t = common.time_fn(fn, warmup=1, reps=reps)
-                one[side] = {"first_call_s": t["first_call_s"], "median_s": t["median_s"],
-                             "tokens_per_s": batch * TOKENS / t["median_s"]}
+            one = {side: _measure_in_subprocess(side, i, reps, repo) for side in ("official", "vqgen")}
             one["ratio"] = one["vqgen"]["tokens_per_s"] / one["official"]["tokens_per_s"]
             record["passes"].append(one)
             print(json.dumps({"case": case, "pass": p + 1, **one}), flush=True)
         results.append(record)
-        del fns
     table = []
     for r in results:
         for side in ("official", "vqgen"):
@@ -186,7 +208,15 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=None, help="alternating passes (default 2, 1 with --quick)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per side and pass (default 3)")
     parser.add_argument("--quick", action="store_true", help="one pass of one timed call each")
+    parser.add_argument("--one", nargs=2, metavar=("SIDE", "CASE"), default=None,
+                        help="time one side (official|vqgen) of case CASE (0-2) in this process, print its JSON")
     args = parser.parse_args()
+    if args.one:
+        side, case_index = args.one
+        if side not in ("official", "vqgen") or case_index not in ("0", "1", "2"):
+            raise SystemExit(f"--one {side} {case_index}: give SIDE official or vqgen and CASE 0, 1 or 2.")
+        print(json.dumps(measure_one(side, int(case_index), args.reps or 3, args.llamagen_repo)), flush=True)
+        return
     result = run(args.quick, repo=args.llamagen_repo, passes=args.passes, reps=args.reps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("vs_llamagen_quick.json" if args.quick else "vs_llamagen.json")

@@ -136,3 +136,15 @@ def test_compare_bad_file_is_one_sentence(tmp_path, content, needle):
         path.write_text(content)
     with pytest.raises(SystemExit, match=needle):
         run.main(["--compare", str(path), str(path)])
+
+
+def test_vs_llamagen_without_a_checkout_says_so_and_measures_nothing(monkeypatch, tmp_path):
+    from benchmarks import vs_llamagen
+
+    pytest.importorskip("torch")
+    monkeypatch.delenv(vs_llamagen.REPO_ENV, raising=False)
+    result = vs_llamagen.run(True, repo=str(tmp_path))
+    assert result["table"] == [] and "no LlamaGen checkout" in result["skipped"]
+    with pytest.raises(SystemExit, match="give SIDE official or vqgen"):
+        monkeypatch.setattr(sys, "argv", ["vs_llamagen.py", "--one", "both", "0"])
+        vs_llamagen.main()
