@@ -99,7 +99,7 @@ def test_aot_command_line_answers_does_not_fit_in_one_sentence(tmp_path):
         spec = importlib.util.spec_from_file_location("aot", os.path.join({ROOT!r}, "launch", "aot_compile.py"))
         aot = importlib.util.module_from_spec(spec); spec.loader.exec_module(aot)
 
-        def out_of_memory(lowered):
+        def out_of_memory(lowered, compiler_options=None):
             raise RuntimeError({TEMPORARIES!r})
 
         aot.compile_lowered = out_of_memory

@@ -34,7 +34,7 @@ def test_tokenizer_phase_on_a_gs_workdir(tmp_path):
     cwd.mkdir()
     run = f"gs://{gcs_emulator.BUCKET}/runs/tok"
     args = (f"--workdir={run}", "--mode=train_tokenizer", "--config.tokenizer_train.num_steps=2",
-            "--config.tokenizer_train.save_every=1")
+            "--config.tokenizer_train.save_every=2")  # one checkpoint: each save is seconds of emulator round trips
     with gcs_emulator.gcs_server() as env:
         res = _cli(env, cwd, *args)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -46,7 +46,7 @@ def test_tokenizer_phase_on_a_gs_workdir(tmp_path):
     assert list(cwd.iterdir()) == [], "the run wrote into the current directory"
     for expected in ("config.json", "report.json", "tb/tokenizer/metrics.jsonl"):
         assert expected in files, (expected, files)
-    assert {f.split("/")[2] for f in files if f.startswith("checkpoints/tokenizer/")} >= {"1", "2"}, files
+    assert {f.split("/")[2] for f in files if f.startswith("checkpoints/tokenizer/")} >= {"2"}, files
     assert report["tokenizer"]["steps"] == 2 and "psnr" in report["tokenizer"]
     assert not any(".tmp" in f or "write-test" in f for f in files), files
 
