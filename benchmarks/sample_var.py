@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import types
 
 if __package__ in (None, ""):
@@ -103,18 +101,6 @@ def official_sampler(repo: str, variant: str):
         return model.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
 
     return fn
-
-
-def _time_torch(fn, reps: int) -> dict:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "first_call_s": first}
 
 
 def _precision_vs_float32(reference, candidate) -> dict:
@@ -202,7 +188,7 @@ def _time_dtype(built, variant: str, dtype: str, precision: dict, batches, reps:
              "token_seconds": t_tok["median_s"], "decode_share": max(0.0, 1.0 - t_tok["median_s"] / t_img["median_s"]),
              "options": OPTIONS, **precision}
         if official is not None:
-            t_off = _time_torch(lambda b=batch: official(b), reps)
+            t_off = common.time_fn(lambda b=batch: official(b), warmup=1, reps=reps)
             r.update(official_seconds=t_off["median_s"], official_first_call_s=t_off["first_call_s"],
                      official_images_per_s=batch / t_off["median_s"], speedup_over_official=t_off["median_s"] / r["seconds"])
         rows.append(r)

@@ -358,7 +358,6 @@ def _accumulate(tokens: Any, vq_params: Any, codec: ScaleCodec) -> tuple[jax.Arr
         start = int(lay.begins[k])
         f_hat = f_hat + scale_residual(codec, vq_params, tokens[:, start : start + s * s], k)
         if k + 1 < len(codec.scales):
-            nxt = codec.scales[k + 1]
             inputs.append(scale_input(codec, f_hat, k + 1))  # [B, s_{k+1}², C]
     x_input = jnp.concatenate(inputs, axis=1) if inputs else jnp.zeros((b, 0, cvae), jnp.float32)
     return x_input, f_hat
