@@ -23,8 +23,10 @@ def f32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     The ``dot_general`` of vqgen's linear layers (``nn.Dense(dot_general=...)``): for float32
     inputs the same as the default; for bfloat16 inputs the same numbers that accelerators give
     (float32 accumulation, one rounding), and XLA's CPU backend runs a bfloat16 matmul with a
-    float32 result several times faster than one with a bfloat16 result (measured on this
-    project's 2-core CPU: 1.2-1.5 TFLOP/s against 0.23 at 1024x1024x4096).
+    float32 result several times faster than one with a bfloat16 result on a CPU with bfloat16
+    matrix units (a 2-core host with AMX: 1.2-1.5 TFLOP/s against 0.23 at 1024x1024x4096). On a
+    CPU without them bfloat16 buys nothing (a 2-core AVX-512 host without AMX: 153 GFLOP/s against
+    194 in float32, same shapes).
     """
     del preferred_element_type  # always float32 here
     out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
