@@ -29,7 +29,10 @@ sampled in 8 iterations of 50 diffusion steps (MAR: 100) with MAR's linear CFG r
 ``configs/quickstart.py:fractal`` is FractalMAR straight on the pixels (no tokenizer): levels 32 ->
 4 -> 1 (a MAR level of 3 blocks of width 128 over the 8x8 patches of 4x4 pixels, a MAR level of 2
 blocks of width 64 over each patch's 16 pixels, a pixel head of width 32 over the 256 intensities),
-sampled in 16 iterations at level 0 and 4 at level 1 with the linear CFG ramp to 4.
+sampled in 16 iterations at level 0 and 4 at level 1 with the linear CFG ramp to 4 and the pixel
+logits multiplied by 1.25 (FractalMAR's temperature; the official 1.02 and 1.1 sharpen too). The
+temperature is from a sweep of the trained quickstart (``--mode=sweep_sampling``, 1,000 samples
+each, judge accuracy): 1.0 84.8%, 1.25 90.3%, 1.5 88.0% (speckled strokes at 1.0, broken ones at 1.5).
 """
 import ml_collections
 
@@ -134,7 +137,7 @@ def _fractal_config() -> ml_collections.ConfigDict:
     c.generator_train = config_lib.generator_train_config(
         "fractal", num_steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1,
         weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=3.0, ema_decay=0.995, log_every=50, save_every=250)
-    c.sample = config_lib.sample_config("fractal", num_iter_list=(16, 4), temperature=1.0, cfg_scale=4.0,
+    c.sample = config_lib.sample_config("fractal", num_iter_list=(16, 4), temperature=1.25, cfg_scale=4.0,
                                         cfg_schedule="linear")
     c.evaluate = config_lib.evaluate_config()
     c.lock()
