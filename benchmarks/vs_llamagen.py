@@ -50,7 +50,7 @@ VOCAB, CLASSES, TOKENS, TOP_K = 16384, 1000, 256, 2000
 
 
 def _official(repo: str | None):
-    """``(torch, GPT_models, generate)`` from a LlamaGen checkout, or a sentence saying why not."""
+    """``(torch, GPT_models, generate, checkout path)`` from a LlamaGen checkout, or a sentence saying why not."""
     try:
         import torch
     except ImportError:
@@ -59,10 +59,11 @@ def _official(repo: str | None):
     if not repo or not (Path(repo) / "autoregressive" / "models" / "gpt.py").is_file():
         return (f"no LlamaGen checkout (got {repo!r}); clone https://github.com/FoundationVision/LlamaGen and pass "
                 f"--llamagen-repo or set ${REPO_ENV}.")
-    sys.path.insert(0, str(Path(repo).resolve()))
+    repo = str(Path(repo).resolve())
+    sys.path.insert(0, repo)
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import GPT_models
-    return torch, GPT_models, generate
+    return torch, GPT_models, generate, repo
 
 
 class _Official:
@@ -150,7 +151,7 @@ def measure_one(side: str, case_index: int, reps: int, repo: str | None = None) 
         found = _official(repo)
         if isinstance(found, str):
             raise SystemExit(found)
-        impl = _Official(*found)
+        impl = _Official(*found[:3])
     else:
         impl = _Vqgen()
     fn = impl.train_fn(batch) if kind == "train" else impl.sample_fn(batch, cfg)
@@ -175,11 +176,11 @@ def run(quick: bool = False, *, repo: str | None = None, passes: int | None = No
     if isinstance(found, str):
         print(found, flush=True)
         return {"benchmark": "vs_llamagen", "skipped": found, "table": []}
-    repo = str(Path(repo or os.environ[REPO_ENV]).resolve())
+    repo = found[3]
     passes = passes or (1 if quick else 2)
     reps = reps or (1 if quick else 3)
     results = []
-    for i, (case, kind, batch, cfg) in enumerate(CASES):
+    for i, (case, _, batch, cfg) in enumerate(CASES):
         record = {"case": case, "batch": batch, "cfg_scale": cfg, "passes": []}
         for p in range(passes):
             one = {side: _measure_in_subprocess(side, i, reps, repo) for side in ("official", "vqgen")}
